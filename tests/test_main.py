@@ -1,0 +1,202 @@
+"""main.py: data loading and validation, the split, the command line, training and reporting."""
+
+import json
+import multiprocessing
+import pickle
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from cifar10_lookalike import dumps_py2, write_cifar10_archive
+from conftest import IMAGES_PER_BATCH, clean_env, run_main
+
+EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
+N_IMAGES = 5 * IMAGES_PER_BATCH
+N_VALID = N_IMAGES // 10
+
+
+# --- Loading the official format ------------------------------------------------------
+
+
+def test_loads_official_format_and_splits_90_10(cifar_data_dir):
+    train_x, train_y, valid_x, valid_y = main.load_train_and_validation(cifar_data_dir, torch.device("cpu"))
+    assert train_x.shape == (N_IMAGES - N_VALID, 3, 32, 32) and valid_x.shape == (N_VALID, 3, 32, 32)
+    assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
+    assert len(train_y) == len(train_x) and len(valid_y) == len(valid_x)
+    assert 0 <= int(train_y.min()) and int(train_y.max()) <= 9
+    # The split is a partition of the five training batches: no image lost or duplicated.
+    raw = np.concatenate([main.load_batch_file(cifar_data_dir / "cifar-10-batches-py" / f"data_batch_{i}")[0]
+                          for i in range(1, 6)])
+    rows = lambda x: {bytes(r) for r in x.reshape(len(x), -1).numpy()}  # noqa: E731
+    assert rows(train_x) | rows(valid_x) == {bytes(r) for r in raw.reshape(len(raw), -1)}
+
+
+def test_split_is_fixed_and_independent_of_the_seed(cifar_data_dir):
+    torch.manual_seed(1)
+    first = main.load_train_and_validation(cifar_data_dir, torch.device("cpu"))
+    torch.manual_seed(2)
+    second = main.load_train_and_validation(cifar_data_dir, torch.device("cpu"))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_extracts_the_archive_once_even_with_concurrent_readers(tmp_path):
+    write_cifar10_archive(tmp_path, images_per_batch=20)
+    assert not (tmp_path / "cifar-10-batches-py").exists()
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        folders = pool.map(main.find_or_extract_cifar10, [tmp_path] * 4)
+    assert set(folders) == {tmp_path / "cifar-10-batches-py"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert len(main.load_batch_file(tmp_path / "cifar-10-batches-py" / "data_batch_5")[0]) == 20
+
+
+def expect_data_error(data_dir, *fragments):
+    with pytest.raises(main.DataError) as error:
+        main.load_train_and_validation(data_dir, torch.device("cpu"))
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+    return message
+
+
+@pytest.fixture
+def data_copy(cifar_data_dir, tmp_path):
+    shutil.copytree(cifar_data_dir, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_missing_data_names_the_folder_and_what_to_do(tmp_path):
+    expect_data_error(tmp_path, str(tmp_path), "cifar-10-python.tar.gz", "--data-dir")
+
+
+def test_missing_batch_file(data_copy):
+    (data_copy / "cifar-10-batches-py" / "data_batch_3").unlink()
+    expect_data_error(data_copy, "data_batch_3", "missing")
+
+
+def test_truncated_batch_file(data_copy):
+    path = data_copy / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:5000])
+    expect_data_error(data_copy, str(path), "truncated or corrupt")
+
+
+def test_truncated_archive(tmp_path):
+    archive = write_cifar10_archive(tmp_path, images_per_batch=20)
+    archive.write_bytes(archive.read_bytes()[:3000])
+    expect_data_error(tmp_path, str(archive), "truncated or corrupt")
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-10-python.tar.gz"]  # No half-extracted folder.
+
+
+@pytest.mark.parametrize(
+    "bad_batch, expected",
+    [
+        ({b"data": np.zeros((10, 3072), np.float32), b"labels": [0] * 10}, "uint8"),
+        ({b"data": np.zeros((10, 1024), np.uint8), b"labels": [0] * 10}, "(N, 3072)"),
+        ({b"data": np.zeros((10, 3072), np.uint8), b"labels": [10] * 10}, "labels in 0..9"),
+        ({b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 9}, "10 integer labels"),
+    ],
+)
+def test_invalid_contents_are_refused(data_copy, bad_batch, expected):
+    (data_copy / "cifar-10-batches-py" / "data_batch_1").write_bytes(dumps_py2(bad_batch))
+    expect_data_error(data_copy, "data_batch_1", expected)
+
+
+def test_python3_pickles_with_str_keys_load_too(data_copy):
+    path = data_copy / "cifar-10-batches-py" / "data_batch_1"
+    batch = pickle.loads(path.read_bytes(), encoding="latin1")
+    path.write_bytes(pickle.dumps(batch))
+    images, labels = main.load_batch_file(path)
+    assert images.shape == (IMAGES_PER_BATCH, 3, 32, 32) and labels.tolist() == batch["labels"]
+
+
+# --- Command line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--epochs", "0"], "--epochs: must be a positive integer, got 0"),
+        (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        (["--learning-rate", "0"], "--learning-rate: must be a positive number, got 0"),
+        (["--learning-rate=-1e-3"], "--learning-rate: must be a positive number, got -1e-3"),
+        (["--learning-rate", "nan"], "--learning-rate: must be a positive number, got nan"),
+        (["--weight-decay", "-1"], "--weight-decay: must be zero or a positive number, got -1"),
+        (["--epochs", "ten"], "--epochs: invalid positive_int value: 'ten'"),
+    ],
+)
+def test_bad_hyperparameters_give_one_error_line(monkeypatch, capsys, argv, expected):
+    monkeypatch.setattr(sys, "argv", ["main.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_data_dir_defaults_to_slurm_tmpdir(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, "argv", ["main.py"])
+    monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path))
+    assert main.parse_args().data_dir == tmp_path / "data"
+    monkeypatch.delenv("SLURM_TMPDIR")
+    assert str(main.parse_args().data_dir) == "data"
+
+
+def test_bad_data_is_one_line_without_traceback(tmp_path):
+    result = run_main("--data-dir", tmp_path, "--epochs", "1")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith(f"error: CIFAR-10 not found in {tmp_path}")
+
+
+# --- Training and reporting -----------------------------------------------------------
+
+
+def test_augment_crops_and_flips_on_the_device():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    augmented = main.augment(images)
+    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    # Each output is the input shifted by at most 4 px (zero fill), possibly flipped.
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for image, out in zip(padded, augmented):
+        candidates = [image[:, i : i + 32, j : j + 32] for i in range(9) for j in range(9)]
+        assert any(torch.equal(out, c) or torch.equal(out, c.flip(2)) for c in candidates)
+    assert not torch.equal(augmented, images)
+
+
+def test_one_cpu_epoch_beats_chance_and_reports_to_orion(cifar_data_dir, tmp_path):
+    results_path = tmp_path / "results.json"
+    result = run_main(
+        "--data-dir", cifar_data_dir, "--epochs", "1", "--batch-size", "32", "--learning-rate", "1e-3",
+        env=clean_env(ORION_RESULTS_PATH=results_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No GPU found: training on the CPU" in result.stdout
+    epochs = EPOCH_LINE.findall(result.stdout)
+    assert [e[0] for e in epochs] == ["0"]
+    accuracy = float(epochs[0][2]) / 100
+    assert accuracy > 0.3  # Chance is 0.1.
+    # Oríon's results-file protocol: a list with one objective, a plain float.
+    results = json.loads(results_path.read_text())
+    assert results == [{"name": "objective", "type": "objective", "value": pytest.approx(1 - accuracy, abs=1e-4)}]
+    assert f"Objective (1 - validation accuracy): {1 - accuracy:.4f}" in result.stdout
+
+
+def test_diverged_run_still_reports_its_accuracy(cifar_data_dir, tmp_path):
+    results_path = tmp_path / "results.json"
+    result = run_main(
+        "--data-dir", cifar_data_dir, "--epochs", "3", "--learning-rate", "1e30",
+        env=clean_env(ORION_RESULTS_PATH=results_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Training diverged in epoch 0" in result.stdout
+    assert len(EPOCH_LINE.findall(result.stdout)) == 1  # Stopped early: NaN weights never recover.
+    [objective] = json.loads(results_path.read_text())
+    assert 0.0 <= objective["value"] <= 1.0

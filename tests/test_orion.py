@@ -1,0 +1,64 @@
+"""End to end: real `orion hunt` workers run main.py against a real PickledDB file."""
+
+import pickle
+import subprocess
+
+from conftest import MAIN_PY, REPO_ROOT, clean_env
+
+
+def orion(*args, env, timeout=600):
+    return subprocess.run(
+        ["uv", "run", "--offline", "--locked", "orion", *map(str, args)],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def trials_by_status(database):
+    """Reads the PickledDB file directly: {status: [trials]} of every experiment in it."""
+    with open(database, "rb") as file:
+        db = pickle.load(file)
+    by_status = {}
+    for trial in db._db["trials"].find({}):
+        by_status.setdefault(trial["status"], []).append(trial)
+    return by_status
+
+
+def test_hunt_three_trials_then_info_and_plot(cifar_data_dir, tmp_path):
+    database = tmp_path / "orion.pkl"
+    config = tmp_path / "orion-config.yml"
+    config.write_text(
+        "experiment:\n"
+        "  algorithm:\n    random:\n      seed: 1\n"
+        "  max_trials: 3\n  max_broken: 1\n"
+        f"storage:\n  database:\n    type: pickleddb\n    host: {database}\n"
+    )
+    # ORION_DB_* are read by every subcommand; `--config` storage is ignored by some of them.
+    env = clean_env(HOME=tmp_path, ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=database)
+    hunt = orion(
+        "hunt", "-n", "test-hunt", "--config", config, "--working-dir", tmp_path / "trials",
+        "python", MAIN_PY, "--data-dir", cifar_data_dir, "--epochs", "1", "--batch-size", "64",
+        "--learning-rate~loguniform(1e-4, 1e-2)",
+        env=env,
+    )
+    assert hunt.returncode == 0, hunt.stdout + hunt.stderr
+
+    trials = trials_by_status(database)
+    assert list(trials) == ["completed"] and len(trials["completed"]) == 3
+    for trial in trials["completed"]:
+        [objective] = [r["value"] for r in trial["results"] if r["type"] == "objective"]
+        assert isinstance(objective, float) and 0.0 <= objective <= 1.0
+    # Each trial keeps its log and checkpoint in its own working directory.
+    trial_dirs = sorted((tmp_path / "trials").iterdir())
+    assert len(trial_dirs) == 3
+    for trial_dir in trial_dirs:
+        assert "Epoch 0: Val loss:" in (trial_dir / "train.log").read_text()
+        assert (trial_dir / "checkpoint.pt").is_file()
+
+    info = orion("info", "-n", "test-hunt", env=env)
+    assert info.returncode == 0, info.stderr
+    assert "test-hunt" in info.stdout and "completed: 3" in info.stdout.replace("trials completed", "completed")
+
+    plot = orion("plot", "regret", "-n", "test-hunt", "-o", tmp_path / "regret.png", env=env, timeout=300)
+    assert plot.returncode == 0, plot.stdout + plot.stderr
+    png = (tmp_path / "regret.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
