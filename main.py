@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import random
+import resource
 import shutil
 import signal
 import sys
@@ -384,6 +385,8 @@ def main() -> None:
             epoch_order = torch.randperm(len(train_images), device=device)
             train_loss_sum = torch.zeros((), device=device)
         model.train()
+        epoch_start = time.perf_counter()
+        steps_before = step
         progress_bar = tqdm(
             total=steps_per_epoch, initial=step, desc=f"Train epoch {epoch}",
             disable=not sys.stdout.isatty(),  # No progress bars in Slurm's log files.
@@ -425,8 +428,14 @@ def main() -> None:
         diverged = not torch.isfinite(train_loss_sum).item()
         if diverged:
             logger.warning(f"Training diverged in epoch {epoch} (loss is not finite); stopping early")
+        train_seconds = time.perf_counter() - epoch_start  # .item() above waited for the GPU.
         val_loss, val_accuracy = evaluate(model, valid_images, valid_labels, use_bf16, memory_format)
         logger.info(f"Epoch {epoch}: Val loss: {val_loss:.3f} accuracy: {val_accuracy:.2%}")
+        trained_images = min(step * args.batch_size, len(train_images)) - steps_before * args.batch_size
+        logger.info(
+            f"Epoch {epoch} trained in {train_seconds:.2f} s ({trained_images / train_seconds:.0f} images/s), "
+            f"validated in {time.perf_counter() - epoch_start - train_seconds:.2f} s"
+        )
         val_history.append((val_loss, val_accuracy))
         epoch, step, epoch_order = epoch + 1, 0, None
         if checkpoint_path:
@@ -436,6 +445,10 @@ def main() -> None:
         logger.info(f"The checkpoint already holds {len(val_history)} epochs; reporting epoch {args.epochs - 1}")
     _, val_accuracy = val_history[min(args.epochs, len(val_history)) - 1]
     report_objective(1.0 - val_accuracy)
+    # To size --mem and --mem-per-gpu, e.g. for several trials per GPU.
+    peak_host_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gpu_gib = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
+    logger.info(f"Peak memory: host {peak_host_gib:.2f} GiB, GPU {peak_gpu_gib:.2f} GiB")
 
 
 # ======================================================================================
