@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import rich.console
@@ -310,7 +311,9 @@ def main() -> None:
     # Preemption: Slurm sends SIGTERM (or the signal job.sh forwards) a while before it
     # kills the job. We only note it here, and stop at the next safe point in the loop.
     stop_signal = []
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    # SIGINT too: Ctrl-C under `bash job.sh` reaches every process of the terminal, and a
+    # trial killed by KeyboardInterrupt would be marked broken instead of interrupted.
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop_signal.append(signum))
 
     # Seed the random number generators as early as possible for reproducibility.
@@ -332,7 +335,7 @@ def main() -> None:
     try:
         train_images, train_labels, valid_images, valid_labels = load_train_and_validation(args.data_dir, device)
     except DataError as error:
-        sys.exit(f"error: {error}")
+        fail(str(error))
 
     model = resnet18(num_classes=10).to(device=device, memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
@@ -348,8 +351,8 @@ def main() -> None:
     checkpoint_path = args.checkpoint_dir / "checkpoint.pt" if args.checkpoint_dir else None
     checkpoint = load_checkpoint(checkpoint_path) if checkpoint_path else None
     if checkpoint is not None and checkpoint["run_identity"] != run_identity:
-        sys.exit(
-            f"error: {checkpoint_path} belongs to another run ({checkpoint['run_identity']}); "
+        fail(
+            f"{checkpoint_path} belongs to another run ({checkpoint['run_identity']}); "
             "pass another --checkpoint-dir or delete it"
         )
     if checkpoint is not None:
@@ -484,10 +487,20 @@ def setup_logging(checkpoint_dir: Path | None) -> None:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             file_handler = logging.FileHandler(checkpoint_dir / "train.log")
         except OSError as error:
-            sys.exit(f"error: cannot write to --checkpoint-dir {checkpoint_dir}: {error}")
+            fail(f"cannot write to --checkpoint-dir {checkpoint_dir}: {error}")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handlers.append(file_handler)
+        # A crash's traceback belongs in the trial's log too (Oríon then marks it broken).
+        sys.excepthook = lambda *exc_info: logger.critical("Uncaught exception", exc_info=exc_info)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers)
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one error line on stderr (and in the trial's log), exit code 1, no traceback."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.emit(logging.makeLogRecord({"msg": f"error: {message}", "levelname": "ERROR"}))
+    sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

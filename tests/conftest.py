@@ -1,6 +1,8 @@
 """Shared fixtures: the generated CIFAR-10 look-alike and helpers to run main.py and Oríon."""
 
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +40,53 @@ def run_main(*args, env=None, timeout=600, **popen_kwargs) -> subprocess.Complet
         env=env if env is not None else clean_env(),
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, **popen_kwargs,
     )
+
+
+# --- A real single-node Slurm cluster (tests/slurm/cluster.sh) ----------------------------
+
+CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
+
+
+def slurm_unavailable_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "starting a Slurm cluster needs root (to install Debian's packages and run the daemons)"
+    if not (shutil.which("apt-get") or shutil.which("slurmctld") or os.path.exists("/usr/sbin/slurmctld")):
+        return "no apt-get to install Slurm from Debian's packages"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_env(tmp_path_factory):
+    """Starts a real single-node Slurm; yields the environment to submit jobs with.
+
+    Skips with the reason where it cannot start, except under CI (CI=true), where the
+    real-Slurm tests must run: there a failure to start fails the tests.
+    """
+    reason = slurm_unavailable_reason()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the real-Slurm tests, but {reason}")
+        pytest.skip(reason)
+    state_dir = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", CLUSTER_SH, "start", state_dir], capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        message = f"could not start Slurm: {started.stderr.strip()[-2000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    slurm_conf = started.stdout.strip().removeprefix("export SLURM_CONF=")
+    try:
+        yield clean_env(SLURM_CONF=slurm_conf, PATH=f"/usr/sbin:/usr/bin:{os.environ['PATH']}")
+    finally:
+        subprocess.run(["bash", CLUSTER_SH, "stop", state_dir], capture_output=True, timeout=300)
+
+
+def read_trials(database: Path, experiment: str | None = None) -> list[dict]:
+    """Every trial document in a PickledDB file (optionally of one experiment, by name)."""
+    with open(database, "rb") as file:
+        db = pickle.load(file)._db
+    trials = db["trials"].find({})
+    if experiment is not None:
+        ids = {e["_id"] for e in db["experiments"].find({"name": experiment})}
+        trials = [t for t in trials if t["experiment"] in ids]
+    return trials

@@ -1,9 +1,8 @@
 """End to end: real `orion hunt` workers run main.py against a real PickledDB file."""
 
-import pickle
 import subprocess
 
-from conftest import MAIN_PY, REPO_ROOT, clean_env
+from conftest import MAIN_PY, REPO_ROOT, clean_env, read_trials
 
 
 def orion(*args, env, timeout=600):
@@ -11,16 +10,6 @@ def orion(*args, env, timeout=600):
         ["uv", "run", "--offline", "--locked", "orion", *map(str, args)],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
     )
-
-
-def trials_by_status(database):
-    """Reads the PickledDB file directly: {status: [trials]} of every experiment in it."""
-    with open(database, "rb") as file:
-        db = pickle.load(file)
-    by_status = {}
-    for trial in db._db["trials"].find({}):
-        by_status.setdefault(trial["status"], []).append(trial)
-    return by_status
 
 
 def test_hunt_three_trials_then_info_and_plot(cifar_data_dir, tmp_path):
@@ -42,9 +31,9 @@ def test_hunt_three_trials_then_info_and_plot(cifar_data_dir, tmp_path):
     )
     assert hunt.returncode == 0, hunt.stdout + hunt.stderr
 
-    trials = trials_by_status(database)
-    assert list(trials) == ["completed"] and len(trials["completed"]) == 3
-    for trial in trials["completed"]:
+    trials = read_trials(database)
+    assert [t["status"] for t in trials] == ["completed"] * 3
+    for trial in trials:
         [objective] = [r["value"] for r in trial["results"] if r["type"] == "objective"]
         assert isinstance(objective, float) and 0.0 <= objective <= 1.0
     # Each trial keeps its log and checkpoint in its own working directory.

@@ -1,0 +1,223 @@
+#!/bin/bash
+# Hyperparameter search of main.py with Oríon, as a Slurm job array: every array task is
+# one (or several) Oríon workers; all of them share one PickledDB database in $SCRATCH.
+#
+#   sbatch --array=1-10 job.sh                                 # 10 workers, one GPU each
+#   sbatch --array=1-10 --ntasks-per-gpu=5 --cpus-per-task=2 job.sh   # 5 workers share each GPU
+#   sbatch --array=1-3 job.sh --epochs 1                       # arguments go on to main.py
+#   bash job.sh --epochs 1                                     # no Slurm: try it on a workstation
+#
+# Then, from this folder:  uv run orion info -n orion-example
+#                          uv run orion plot regret -n orion-example
+#
+# Environment overrides (sbatch passes your environment on to the job):
+#   CIFAR10_ARCHIVE   the official cifar-10-python.tar.gz to stage
+#                     (default: the cluster's copy, /network/datasets/cifar10/cifar-10-python.tar.gz;
+#                     where it does not exist, the official archive is downloaded and its MD5 checked)
+#   ORION_EXPERIMENT  the experiment's name (default: orion-example)
+#   ORION_MAX_TRIALS  how many completed trials end the search (default: 10)
+#   SCRATCH           shared folder for the database and the trials' folders
+#                     (set on most clusters; default outside Slurm: ./scratch)
+#   ORION_DB_ADDRESS  the PickledDB file (default: $SCRATCH/orion-example/orion_db.pkl)
+#
+# --- Slurm options (command-line options override these lines of the same name) ---------
+# A GPU for the *job*, not per task (--gpus-per-task): Slurm refuses --gpus-per-task
+# together with --ntasks-per-gpu, which the several-workers-per-GPU variant needs.
+#SBATCH --gpus=1
+# No --ntasks: one task by default (one Oríon worker, one trial at a time on the GPU), and
+# --ntasks-per-gpu=5 on the command line gives five. (An #SBATCH --ntasks line would win
+# over --ntasks-per-gpu and keep it at one.)
+#SBATCH --cpus-per-task=4
+# Host memory per GPU: enough for five trials on one GPU (see README, "Benchmarks").
+#SBATCH --mem-per-gpu=16G
+#SBATCH --time=01:00:00
+# Preemption kills and requeues the job; trials resume from their checkpoints.
+#SBATCH --requeue
+# 120 s before the time limit, send SIGUSR1 to this script only ("B:"): it asks the
+# trials to checkpoint and exit, then requeues the job (see "Preemption" below).
+#SBATCH --signal=B:USR1@120
+#SBATCH --job-name=orion-example
+
+set -euo pipefail
+
+echo "Date:     $(date)"
+echo "Hostname: $(hostname)"
+# sbatch runs a copy of this script, in the folder it was submitted from.
+if [[ ! -f main.py ]]; then
+    echo "error: main.py is not in $PWD: cd to the folder holding main.py and job.sh, then submit" >&2
+    exit 1
+fi
+
+# --- Defaults, inside or outside Slurm ------------------------------------------------
+if [[ -z "${SLURM_JOB_ID:-}" ]]; then
+    # Not under Slurm: a temporary folder plays $SLURM_TMPDIR, ./scratch plays $SCRATCH.
+    SLURM_TMPDIR="$(mktemp -d)"
+    trap 'rm -rf "$SLURM_TMPDIR"' EXIT
+    export SLURM_TMPDIR
+    export SCRATCH="${SCRATCH:-$PWD/scratch}"
+fi
+# $SLURM_TMPDIR (fast node-local disk, wiped after the job) is a site convention set by
+# the cluster's prolog, not stock Slurm: fail clearly where a cluster lacks it.
+: "${SLURM_TMPDIR:?is not set: this cluster has no per-job local folder; export SLURM_TMPDIR=/some/local/tmp}"
+: "${SCRATCH:?is not set: export SCRATCH=/a/shared/folder for the database and the trials}"
+CIFAR10_ARCHIVE="${CIFAR10_ARCHIVE:-/network/datasets/cifar10/cifar-10-python.tar.gz}"
+CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz}"
+CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
+ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
+ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-10}"
+# Oríon reads these two in every command (hunt, info, plot, status), whatever the config says.
+export ORION_DB_TYPE=pickleddb
+export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$SCRATCH/orion-example/orion_db.pkl}"
+# The trials' folders (checkpoints, train.log) persist in $SCRATCH: a requeued or another
+# worker resumes an interrupted trial there. Without --working-dir, Oríon deletes them.
+trials_dir="$SCRATCH/orion-example/$ORION_EXPERIMENT"
+mkdir -p "$trials_dir" "$(dirname "$ORION_DB_ADDRESS")"
+# A trial whose worker died without a word (SIGKILL, node failure) stays "reserved" until
+# its heartbeat is 5 x ORION_HEARTBEAT seconds old; then the next worker that asks for a
+# trial re-runs it from its checkpoint. Oríon writes the heartbeat every 60 s (hard-coded),
+# so keep 5 x ORION_HEARTBEAT well above 60 s: else healthy trials get run twice. Oríon's
+# default, 120 s, leaves a dead worker's trial idle for 10 minutes; 30 s makes it 2.5.
+export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"
+
+# --- Stage CIFAR-10 and the Python environment, once per node --------------------------
+# Trials then read the data from the node's local disk, never from the shared filesystem.
+stage_node() {
+    set -euo pipefail
+    local data_dir="$SLURM_TMPDIR/data"
+    mkdir -p "$data_dir"
+    if [[ -f "$CIFAR10_ARCHIVE" ]]; then
+        cp "$CIFAR10_ARCHIVE" "$data_dir/cifar-10-python.tar.gz"
+    else
+        echo "CIFAR10_ARCHIVE=$CIFAR10_ARCHIVE does not exist: downloading $CIFAR10_URL"
+        if ! curl --fail --silent --show-error --location --retry 2 \
+                --output "$data_dir/cifar-10-python.tar.gz" "$CIFAR10_URL"; then
+            echo "error: CIFAR10_ARCHIVE=$CIFAR10_ARCHIVE does not exist and the download failed" \
+                "(no internet on compute nodes?): export CIFAR10_ARCHIVE=/path/to/cifar-10-python.tar.gz" >&2
+            return 1
+        fi
+        if ! echo "$CIFAR10_MD5  $data_dir/cifar-10-python.tar.gz" | md5sum --check --quiet --status; then
+            echo "error: the download of $CIFAR10_URL is not the official archive (MD5 mismatch):" \
+                "export CIFAR10_ARCHIVE=/path/to/cifar-10-python.tar.gz" >&2
+            return 1
+        fi
+    fi
+    # Extract once here so that the trials don't each extract it.
+    tar --extract --gzip --file "$data_dir/cifar-10-python.tar.gz" --directory "$data_dir"
+    # Compute nodes have no internet: the uv cache must be warm (run `uv sync` once on a
+    # login node). Synced here, once, before the workers start: concurrent syncs race.
+    if ! uv sync --offline --locked --quiet; then
+        echo "error: uv could not set up the environment offline: run 'uv sync --locked' once" \
+            "on a machine with internet (e.g. the login node), then submit again" >&2
+        return 1
+    fi
+}
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    export -f stage_node
+    export CIFAR10_ARCHIVE CIFAR10_URL CIFAR10_MD5
+    # One task per node. (srun inherits --ntasks-per-gpu from the job through the
+    # environment, and refuses it together with --ntasks-per-node.)
+    env -u SLURM_NTASKS_PER_GPU \
+        srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c stage_node
+else
+    stage_node
+fi
+# The workers run from the synced environment directly, not through `uv run`: uv forwards
+# SIGTERM to its child, which then gets it twice (Slurm signals every process of the
+# step), and Oríon's hunt gives up on a trial at the second SIGTERM.
+# shellcheck disable=SC1091
+source .venv/bin/activate
+
+# --- Oríon configuration -----------------------------------------------------------------
+orion_config="$SLURM_TMPDIR/orion-config.yml"
+cat > "$orion_config" <<EOF
+experiment:
+    algorithm:
+        tpe:
+            seed: null
+            n_initial_points: 5
+    max_trials: $ORION_MAX_TRIALS
+    max_broken: 10
+worker:
+    # Run the trial in the worker process itself: on SIGTERM it then waits for main.py to
+    # checkpoint and exit 130, and marks the trial "interrupted" (the default process-pool
+    # executor's child dies at once and the trial was left "reserved").
+    executor: singleexecutor
+storage:
+    database:
+        type: pickleddb
+        host: $ORION_DB_ADDRESS
+EOF
+
+# `uv run orion info/plot -n NAME` (as written, no options) read the database named in
+# Oríon's global configuration, like `orion db setup` writes it. Point it at ours, unless
+# the user already has one.
+global_config="${XDG_CONFIG_HOME:-$HOME/.config}/orion.core/orion_config.yaml"
+if [[ ! -f "$global_config" ]]; then
+    mkdir -p "$(dirname "$global_config")"
+    printf 'storage:\n    database:\n        type: pickleddb\n        host: %s\n' "$ORION_DB_ADDRESS" > "$global_config"
+    echo "Wrote $global_config: Oríon commands now read $ORION_DB_ADDRESS"
+elif ! grep -qF "$ORION_DB_ADDRESS" "$global_config"; then
+    echo "warning: $global_config names another database; to see this search, run" \
+        "ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion info -n $ORION_EXPERIMENT" >&2
+fi
+
+# --- Run the Oríon workers -------------------------------------------------------------
+# Each worker asks the database for a trial, runs main.py with its hyperparameters, reports,
+# and asks again until ORION_MAX_TRIALS trials have completed.
+# Several workers may share a GPU: keep their CPU threads within the task's CPUs.
+export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
+hunt_log="$SLURM_TMPDIR/hunt.log"
+hunt=(
+    orion hunt -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir"
+    python main.py --checkpoint-dir '{trial.working_dir}' "$@"
+    --learning-rate~'loguniform(1e-5, 1.0)'
+)
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    hunt=(srun "${hunt[@]}")
+fi
+
+# Preemption. Slurm signals every process of the steps (SIGTERM, then SIGKILL after the
+# grace time): main.py checkpoints within a step and exits 130, which Oríon records as
+# "interrupted" and hands to the next worker (or to this job once requeued). Near the time
+# limit, Slurm signals only this script (--signal=B:USR1): we pass SIGTERM on to the
+# workers, wait for them to save, and requeue the job so it carries on.
+near_time_limit=false
+# shellcheck disable=SC2317  # Called by the trap below.
+forward_to_workers() {
+    near_time_limit=true
+    kill -TERM "$hunt_pid" 2>/dev/null || true
+}
+trap forward_to_workers USR1
+trap 'true' TERM  # Slurm signals the workers directly; wait for them to finish saving.
+
+# The output also goes to a file, to count this job's broken trials afterwards.
+"${hunt[@]}" > >(tee "$hunt_log") 2>&1 &
+hunt_pid=$!
+hunt_status=0
+while true; do
+    wait "$hunt_pid" && hunt_status=0 || hunt_status=$?
+    # `wait` also returns (> 128) when a trapped signal arrives; the hunt may still run.
+    kill -0 "$hunt_pid" 2>/dev/null || break
+done
+wait  # ... and for `tee` to write the last lines.
+
+if [[ "$near_time_limit" == true && -n "${SLURM_JOB_ID:-}" ]]; then
+    echo "Time limit near: trials checkpointed; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+
+# `orion hunt` exits 0 even when every trial broke: look for Oríon's per-trial error lines,
+# so that `sbatch --wait`, mail notifications and dependent jobs see the failure.
+broken_trials=$(grep -c "::ERROR::orion.client.runner::" "$hunt_log" || true)
+if (( broken_trials > 0 )); then
+    echo "error: $broken_trials trial(s) of this job broke; their logs are in $trials_dir/<trial id>/train.log" >&2
+    exit 1
+fi
+# A worker that finds no trial to run for a minute (the others hold the last ones) stops
+# with `LazyWorkers`: its job is done, not failed.
+if (( hunt_status != 0 )) && grep -q "LazyWorkers" "$hunt_log"; then
+    echo "No trial left for this worker: done."
+    hunt_status=0
+fi
+exit "$hunt_status"
