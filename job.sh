@@ -33,6 +33,8 @@
 #SBATCH --time=01:00:00
 # Preemption kills and requeues the job; trials resume from their checkpoints.
 #SBATCH --requeue
+# A requeued job appends to its output file instead of overwriting what the first run wrote.
+#SBATCH --open-mode=append
 # 120 s before the time limit, send SIGUSR1 to this script only ("B:"): it asks the
 # trials to checkpoint and exit, then requeues the job (see "Preemption" below).
 #SBATCH --signal=B:USR1@120
@@ -127,6 +129,29 @@ fi
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
+# --- A requeued job takes its trials back --------------------------------------------
+# A job killed without warning (preemption on most partitions, `scontrol requeue`, node
+# failure) leaves its trials "reserved": Oríon only hands them out again once their
+# heartbeat is 5 x ORION_HEARTBEAT old. When Slurm restarts this job, we know which trials
+# were ours (the last "Running in Slurm job" line of their train.log names this job), so
+# we mark them "interrupted" at once, and the workers below resume them from checkpoints.
+if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
+    python - "$ORION_EXPERIMENT" "$trials_dir" "$SLURM_JOB_ID" <<'EOF'
+import re, sys
+from pathlib import Path
+from orion.client import get_experiment
+
+name, trials_dir, job_id = sys.argv[1:]
+experiment = get_experiment(name, mode="w")
+for trial in experiment.fetch_trials_by_status("reserved"):
+    log = Path(trials_dir, trial.id, "train.log")
+    jobs = re.findall(r"Running in Slurm job (\S+) on", log.read_text()) if log.exists() else []
+    if jobs and jobs[-1] == job_id:
+        experiment.storage.set_trial_status(trial, status="interrupted", was="reserved")
+        print(f"Trial {trial.id} was left reserved when this job was killed: marked interrupted")
+EOF
+fi
+
 # --- Oríon configuration -----------------------------------------------------------------
 orion_config="$SLURM_TMPDIR/orion-config.yml"
 cat > "$orion_config" <<EOF
@@ -179,13 +204,15 @@ fi
 # Preemption. Slurm signals every process of the steps (SIGTERM, then SIGKILL after the
 # grace time): main.py checkpoints within a step and exits 130, which Oríon records as
 # "interrupted" and hands to the next worker (or to this job once requeued). Near the time
-# limit, Slurm signals only this script (--signal=B:USR1): we pass SIGTERM on to the
-# workers, wait for them to save, and requeue the job so it carries on.
+# limit, Slurm signals only this script (--signal=B:USR1): we pass SIGTERM on to every
+# process of the job's steps, wait for the trials to save, and requeue the job so it
+# carries on. (Not `kill -TERM` to srun: srun takes it as "abort the step" and kills the
+# trials a few seconds later, checkpoint or not.)
 near_time_limit=false
 # shellcheck disable=SC2317  # Called by the trap below.
 forward_to_workers() {
     near_time_limit=true
-    kill -TERM "$hunt_pid" 2>/dev/null || true
+    scancel --signal=TERM "$SLURM_JOB_ID"
 }
 trap forward_to_workers USR1
 trap 'true' TERM  # Slurm signals the workers directly; wait for them to finish saving.

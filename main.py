@@ -20,6 +20,7 @@ import random
 import resource
 import shutil
 import signal
+import socket
 import sys
 import tarfile
 import tempfile
@@ -307,6 +308,9 @@ def main() -> None:
     args = parse_args()
     setup_logging(args.checkpoint_dir)
     logger.info(f"Args: {json.dumps(vars(args), default=str)}")
+    if "SLURM_JOB_ID" in os.environ:
+        # job.sh reads this line to find the trials of a job that was killed and requeued.
+        logger.info(f"Running in Slurm job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}")
 
     # Preemption: Slurm sends SIGTERM (or the signal job.sh forwards) a while before it
     # kills the job. We only note it here, and stop at the next safe point in the loop.

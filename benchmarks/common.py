@@ -6,6 +6,8 @@ subprocesses don't pay torch's import time (6-15 s on a small CPU machine) thems
 
 import argparse
 import datetime
+import functools
+import glob
 import importlib.metadata
 import importlib.util
 import math
@@ -305,17 +307,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def gpu_names() -> list:
-    """The GPUs nvidia-smi lists, without importing torch (an empty list where there is none)."""
-    if not shutil.which("nvidia-smi"):
-        return []
+@functools.lru_cache(maxsize=None)
+def gpu_names() -> tuple:
+    """The NVIDIA GPUs here (empty where there is none), without importing torch in this process.
+
+    Asks nvidia-smi; where it is not on the PATH but /dev/nvidia0 exists, asks torch in a subprocess.
+    """
+    if shutil.which("nvidia-smi"):
+        command = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+    elif glob.glob("/dev/nvidia[0-9]*"):
+        command = [sys.executable, "-c", "import torch; [print(torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]"]
+    else:
+        return ()
     try:
-        result = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=60
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in result.stdout.splitlines() if line.strip()] if result.returncode == 0 else []
+        return ()
+    return tuple(line.strip() for line in result.stdout.splitlines() if line.strip()) if result.returncode == 0 else ()
 
 
 def package_version(name: str) -> str:
@@ -366,7 +374,7 @@ def print_table(title: str, columns: list, rows: list, notes: list = ()) -> str:
         return "  ".join(
             str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
         ).rstrip()
-    text = [f"", title, line(columns), "  ".join("-" * w for w in widths)]
+    text = ["", title, line(columns), "  ".join("-" * w for w in widths)]
     text += [line(row) for row in cells]
     text += [f"  {note}" for note in notes]
     output = "\n".join(text)

@@ -60,11 +60,12 @@ def main():
     with tempfile.TemporaryDirectory(prefix="trial-overhead-") as tmp:
         for i in range(repeat):
             for v, (name, kind, command) in enumerate(variants):
-                print(f"run {i + 1}/{repeat}: {name}", flush=True)
+                print(f"run {i + 1}/{repeat}: {name}: ", end="", flush=True)
                 if kind == "floor":
                     run = common.run_timed(command, timeout=args.timeout).check(name)
                     imported, _ = run.first(r"^imported$")
                     results[name].append((imported, None, run.exit_seconds - imported, None))
+                    print(f"imports done after {imported:.2f} s, exit {run.exit_seconds - imported:.2f} s later", flush=True)
                     continue
                 path = common.results_file(Path(tmp), f"run{i}-variant{v}")
                 run = common.run_timed(command, env=common.child_env(ORION_RESULTS_PATH=path), timeout=args.timeout)
@@ -80,6 +81,10 @@ def main():
                     written is not None,
                 ))
                 device = trial.device
+                print(
+                    f"first step after {trial.ready_seconds:.2f} s; last epoch line -> result written "
+                    f"{common.fmt(results[name][-1][1])} s, -> exit {trial.last_epoch_to_exit:.2f} s", flush=True
+                )
 
     floor = common.median(r[0] for r in results[variants[0][0]])
     floor_exit = common.median(r[2] for r in results[variants[0][0]])

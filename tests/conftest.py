@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar10_lookalike import write_cifar10_lookalike
+from cifar10_lookalike import write_cifar10_archive, write_cifar10_lookalike
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PY = REPO_ROOT / "main.py"
@@ -90,3 +90,32 @@ def read_trials(database: Path, experiment: str | None = None) -> list[dict]:
         ids = {e["_id"] for e in db["experiments"].find({"name": experiment})}
         trials = [t for t in trials if t["experiment"] in ids]
     return trials
+
+
+# --- Submitting job.sh ------------------------------------------------------------------
+
+
+@pytest.fixture
+def job_env(tmp_path):
+    """What a user has: $SCRATCH, a home for Oríon's global config, the staged archive."""
+    write_cifar10_archive(tmp_path / "datasets", images_per_batch=100)
+    return dict(
+        SCRATCH=tmp_path / "scratch",
+        XDG_CONFIG_HOME=tmp_path / "config",
+        CIFAR10_ARCHIVE=tmp_path / "datasets" / "cifar-10-python.tar.gz",
+    )
+
+
+def database(env) -> str:
+    return f"{env['SCRATCH']}/orion-example/orion_db.pkl"
+
+
+def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
+    """Submits job.sh with `sbatch --wait`; returns (exit code, the jobs' output files' text)."""
+    env = {**slurm_env, **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
+    result = subprocess.run(
+        ["timeout", str(timeout), "sbatch", "--wait", f"--output={tmp_path}/slurm-%A_%a.out", *args],
+        env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+    )
+    outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
+    return result.returncode, result.stderr + outputs

@@ -8,7 +8,7 @@ from itertools import combinations
 import pytest
 
 from cifar10_lookalike import write_cifar10_archive
-from conftest import REPO_ROOT, clean_env, read_trials
+from conftest import REPO_ROOT, clean_env, database, read_trials, sbatch_wait
 
 README = REPO_ROOT / "README.md"
 
@@ -22,32 +22,6 @@ def readme_commands(program: str) -> list[str]:
         elif in_code and line.strip().removeprefix("$ ").startswith(program + " "):
             commands.append(line.strip().removeprefix("$ ").split(" #")[0].strip())
     return commands
-
-
-@pytest.fixture
-def job_env(tmp_path):
-    """What a user has: $SCRATCH, a home for Oríon's global config, the staged archive."""
-    write_cifar10_archive(tmp_path / "datasets", images_per_batch=100)
-    return dict(
-        SCRATCH=tmp_path / "scratch",
-        XDG_CONFIG_HOME=tmp_path / "config",
-        CIFAR10_ARCHIVE=tmp_path / "datasets" / "cifar-10-python.tar.gz",
-    )
-
-
-def database(env) -> str:
-    return f"{env['SCRATCH']}/orion-example/orion_db.pkl"
-
-
-def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
-    """Submits job.sh with `sbatch --wait`; returns (exit code, the jobs' output files' text)."""
-    env = {**slurm_env, **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
-    result = subprocess.run(
-        ["timeout", str(timeout), "sbatch", "--wait", f"--output={tmp_path}/slurm-%A_%a.out", *args],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-    )
-    outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
-    return result.returncode, result.stderr + outputs
 
 
 # --- On a real Slurm ---------------------------------------------------------------------

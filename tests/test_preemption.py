@@ -1,0 +1,213 @@
+"""Preemption: checkpoints, resuming, SIGTERM, lost workers, and a requeued Slurm job."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MAIN_PY, REPO_ROOT, clean_env, database, read_trials, run_main
+
+EPOCH_LINE = re.compile(r"Epoch \d+: Val loss: \S+ accuracy: \S+%")
+OBJECTIVE_LINE = re.compile(r"Objective \(1 - validation accuracy\): \S+")
+# 450 training images in batches of 32: 15 steps per epoch, a few seconds on this CPU.
+TRAIN_ARGS = ["--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3"]
+
+
+def wait_for(predicate, timeout, what, process=None):
+    """Polls `predicate`; fails after `timeout` s, or as soon as `process` (if any) ends."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{process.args} ended ({process.returncode}) before {what}: "
+                                 f"{process.stdout.read()}{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+def log_text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cifar_data_dir, tmp_path_factory):
+    """The reference: the same run, never interrupted."""
+    result = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS,
+                      "--checkpoint-dir", tmp_path_factory.mktemp("reference"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cifar_data_dir, tmp_path, uninterrupted):
+    log = tmp_path / "train.log"
+    process = subprocess.Popen(
+        [sys.executable, MAIN_PY, "--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path],
+        env=clean_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    wait_for(lambda: "Epoch 0 trained in" in log_text(log), 300, "the first epoch")
+    time.sleep(1)  # Into epoch 1 (the signal is handled wherever it lands, even at step 0).
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output  # Oríon's "interrupted" code.
+    saved = re.search(r"saved checkpoint at epoch (\d+), step (\d+)", output)
+    assert saved, output
+    assert int(saved[1]) == 1 and int(saved[2]) < 15  # Within epoch 1, not at its end.
+
+    resumed = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    step = f", step {saved[2]}" if int(saved[2]) else ""
+    assert re.search(rf"Resuming training at epoch 1{step}\s", resumed.stdout)
+    # Bit-identical: the same validation lines for every epoch, and the same objective.
+    epochs_before = EPOCH_LINE.findall(output)
+    assert epochs_before + EPOCH_LINE.findall(resumed.stdout) == EPOCH_LINE.findall(uninterrupted)
+    assert OBJECTIVE_LINE.findall(resumed.stdout) == OBJECTIVE_LINE.findall(uninterrupted)
+
+
+def test_finished_checkpoint_reports_without_retraining(cifar_data_dir, tmp_path, uninterrupted):
+    first = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    again = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    assert again.returncode == 0
+    assert "Resuming training at epoch 2" in again.stdout and not EPOCH_LINE.findall(again.stdout)
+    assert OBJECTIVE_LINE.findall(again.stdout) == OBJECTIVE_LINE.findall(first.stdout)
+
+
+def test_unreadable_checkpoint_warns_and_starts_over(cifar_data_dir, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Cannot read checkpoint" in result.stdout and "starting from scratch" in result.stdout
+    assert len(EPOCH_LINE.findall(result.stdout)) == 1
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1  # Replaced.
+
+
+def test_checkpoint_of_another_run_is_refused(cifar_data_dir, tmp_path):
+    assert run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path).returncode == 0
+    other = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--learning-rate", "0.1",
+                     "--checkpoint-dir", tmp_path)
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert "belongs to another run" in other.stderr and other.stderr.count("\n") == 1
+
+
+# --- Under `orion hunt` ----------------------------------------------------------------
+
+
+def start_hunt(tmp_path, cifar_data_dir, **env):
+    """One Oríon worker, as job.sh runs it (trial in the worker process), in its own process group."""
+    config = tmp_path / "orion-config.yml"
+    config.write_text(
+        "experiment:\n  algorithm:\n    random:\n      seed: 1\n  max_trials: 1\n"
+        "worker:\n  executor: singleexecutor\n"
+    )
+    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion.pkl", **env)
+    return subprocess.Popen(
+        [REPO_ROOT / ".venv" / "bin" / "orion", "hunt", "-n", "preempt", "--config", config,
+         "--working-dir", tmp_path / "trials", "python", MAIN_PY, "--data-dir", cifar_data_dir,
+         "--epochs", "2", "--batch-size", "32", "--learning-rate~loguniform(1e-4, 1e-2)"],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+
+
+def trial_log(tmp_path) -> str:
+    return "".join(log_text(p) for p in (tmp_path / "trials").glob("*/train.log"))
+
+
+def test_interrupted_trial_is_resumed_by_the_next_worker(cifar_data_dir, tmp_path):
+    worker = start_hunt(tmp_path, cifar_data_dir)
+    wait_for(lambda: "Epoch 0: Val loss" in trial_log(tmp_path), 300, "the first epoch")
+    os.killpg(worker.pid, signal.SIGTERM)  # What Slurm does to every process of a step.
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 130, output
+    assert [t["status"] for t in read_trials(tmp_path / "orion.pkl")] == ["interrupted"]
+
+    next_worker = start_hunt(tmp_path, cifar_data_dir)
+    output, _ = next_worker.communicate(timeout=600)
+    assert next_worker.returncode == 0, output
+    assert [t["status"] for t in read_trials(tmp_path / "orion.pkl")] == ["completed"]
+    assert re.search(r"Resuming training at epoch 1", trial_log(tmp_path))
+    assert len(re.findall(r"Epoch 0: Val loss", trial_log(tmp_path))) == 1  # Epoch 0 not redone.
+
+
+def test_trial_of_a_killed_worker_is_finished_by_another(cifar_data_dir, tmp_path):
+    worker = start_hunt(tmp_path, cifar_data_dir)
+    wait_for(lambda: any((tmp_path / "trials").glob("*/checkpoint.pt")), 300, "the first checkpoint")
+    os.killpg(worker.pid, signal.SIGKILL)  # A node failure: no signal handler runs.
+    worker.communicate(timeout=60)
+    assert [t["status"] for t in read_trials(tmp_path / "orion.pkl")] == ["reserved"]
+
+    # With ORION_HEARTBEAT=2 a trial is lost after 5 x 2 s without a heartbeat. (Only for
+    # this test: Oríon writes heartbeats every 60 s, so live trials need 5 x ORION_HEARTBEAT > 60.)
+    time.sleep(11)
+    next_worker = start_hunt(tmp_path, cifar_data_dir, ORION_HEARTBEAT=2)
+    output, _ = next_worker.communicate(timeout=600)
+    assert next_worker.returncode == 0, output
+    trials = read_trials(tmp_path / "orion.pkl")
+    assert [t["status"] for t in trials] == ["completed"]
+    assert "Resuming training at epoch 1" in trial_log(tmp_path)
+
+
+# --- On a real Slurm ---------------------------------------------------------------------
+
+
+JOB_ARGS = ["--epochs", "2", "--batch-size", "32"]  # job.sh searches the learning rate itself.
+
+
+def submit_in_background(slurm_env, job_env, tmp_path, *args, **extra_env):
+    """`sbatch --wait` in the background; returns (the Popen, the job id)."""
+    env = {**slurm_env, **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
+    sbatch = subprocess.Popen(
+        ["timeout", "900", "sbatch", "--wait", f"--output={tmp_path}/slurm-%A_%a.out", *args],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    job_id = sbatch.stdout.readline().split()[-1]  # "Submitted batch job N"
+    return sbatch, job_id
+
+
+def trial_logs(job_env) -> list[str]:
+    return [p.read_text() for p in (Path(job_env["SCRATCH"]) / "orion-example" / "orion-example").glob("*/train.log")]
+
+
+def checkpoints(job_env) -> list[Path]:
+    return list((Path(job_env["SCRATCH"]) / "orion-example" / "orion-example").glob("*/checkpoint.pt"))
+
+
+def test_requeued_array_resumes_its_trials(slurm_env, job_env, tmp_path):
+    sbatch, job_id = submit_in_background(
+        slurm_env, job_env, tmp_path, "--array=0-1", "job.sh", *JOB_ARGS,
+        ORION_MAX_TRIALS=2, ORION_WORKER_MAX_TRIALS=1,
+    )
+    wait_for(lambda: len(checkpoints(job_env)) == 2, 600, "both trials' first checkpoint", sbatch)
+    requeue = subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    _, stderr = sbatch.communicate(timeout=900)
+    assert sbatch.returncode == 0, stderr
+
+    statuses = [t["status"] for t in read_trials(database(job_env), "orion-example")]
+    assert sorted(statuses) == ["completed", "completed"], statuses
+    logs = trial_logs(job_env)
+    assert len(logs) == 2 and all("Resuming training at epoch 1" in log for log in logs), logs
+    assert all(log.count("Epoch 0: Val loss") == 1 for log in logs)  # Not retrained from scratch.
+
+
+def test_time_limit_signal_checkpoints_and_requeues(slurm_env, job_env, tmp_path):
+    sbatch, job_id = submit_in_background(slurm_env, job_env, tmp_path, "job.sh", *JOB_ARGS,
+                                          ORION_MAX_TRIALS=1)
+    wait_for(lambda: len(checkpoints(job_env)) == 1, 600, "the first checkpoint", sbatch)
+    # What --signal=B:USR1@120 does 120 s before the time limit: signal the batch shell only.
+    signal_batch = subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env,
+                                  capture_output=True, text=True)
+    assert signal_batch.returncode == 0, signal_batch.stderr
+    _, stderr = sbatch.communicate(timeout=900)
+    assert sbatch.returncode == 0, stderr
+
+    output = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
+    assert f"Time limit near: trials checkpointed; requeueing job {job_id}" in output
+    assert [t["status"] for t in read_trials(database(job_env), "orion-example")] == ["completed"]
+    [log] = trial_logs(job_env)
+    assert re.search(r"saved checkpoint at epoch 1, step \d+", log) and "Resuming training at epoch 1" in log
