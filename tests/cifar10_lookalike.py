@@ -90,7 +90,7 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description="Write a small CIFAR-10 look-alike in the official format.")
     parser.add_argument("data_dir", type=Path)
-    parser.add_argument("--images-per-batch", type=int, default=300)
+    parser.add_argument("--images-per-batch", type=int, default=100)
     parser.add_argument("--archive", action="store_true", help="write only cifar-10-python.tar.gz")
     args = parser.parse_args()
     if args.archive:

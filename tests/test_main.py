@@ -4,7 +4,9 @@ import json
 import multiprocessing
 import pickle
 import re
+import shlex
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 import main
 from cifar10_lookalike import dumps_py2, write_cifar10_archive
-from conftest import IMAGES_PER_BATCH, clean_env, run_main
+from conftest import IMAGES_PER_BATCH, REPO_ROOT, clean_env, run_main
 
 EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
 N_IMAGES = 5 * IMAGES_PER_BATCH
@@ -200,3 +202,24 @@ def test_diverged_run_still_reports_its_accuracy(cifar_data_dir, tmp_path):
     assert len(EPOCH_LINE.findall(result.stdout)) == 1  # Stopped early: NaN weights never recover.
     [objective] = json.loads(results_path.read_text())
     assert 0.0 <= objective["value"] <= 1.0
+
+
+def test_readme_commands_for_main_py_work_as_written(tmp_path):
+    from test_job import readme_commands
+
+    commands = readme_commands("uv run python")
+    assert [c.split()[3] for c in commands] == ["tests/cifar10_lookalike.py", "main.py"]
+    data = REPO_ROOT / "data"
+    owned = not data.exists()  # Never touch a data/ folder of the user's: use a temporary one.
+    try:
+        outputs = []
+        for command in commands:
+            argv = [str(tmp_path / "data") if a == "data" and not owned else a for a in shlex.split(command)]
+            result = subprocess.run(argv, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+                                    timeout=600)
+            assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+            outputs.append(result.stdout)
+        assert EPOCH_LINE.search(outputs[-1]) and "Objective (1 - validation accuracy)" in outputs[-1]
+    finally:
+        if owned:
+            shutil.rmtree(data, ignore_errors=True)
