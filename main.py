@@ -11,6 +11,7 @@ checkpoint every epoch -> report the objective to Oríon.
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -211,10 +212,18 @@ def load_train_and_validation(data_dir: Path, device: torch.device):
     )
 
 
+@functools.cache
+def channel_mean_and_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a copy from Python to the GPU at every step would make the CPU
+    # wait for the GPU to finish its queue, and stop it from queueing the next step ahead.
+    mean = torch.tensor(CIFAR10_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize(images: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """uint8 (N, 3, 32, 32) -> standardized float32 images in the model's memory format."""
-    mean = torch.tensor(CIFAR10_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = channel_mean_and_std(images.device)
     return ((images.float() - mean) / std).contiguous(memory_format=memory_format)
 
 
@@ -330,7 +339,9 @@ def main() -> None:
         # bf16 autocast and channels_last are what the GPU's tensor cores are fast at;
         # bf16 has float32's range, so unlike fp16 it needs no loss scaling.
         use_bf16, memory_format = True, torch.channels_last
-        torch.backends.cudnn.benchmark = True  # Picks the fastest kernels for our fixed shapes.
+        # No cudnn.benchmark: on an H200 it gained nothing measurable per step, and cost
+        # seconds of autotuning per new shape (the last, smaller batch; validation) in every
+        # trial's first epoch (benchmarks/RESULTS.md, "Step time").
     else:
         device = torch.device("cpu")
         use_bf16, memory_format = False, torch.contiguous_format  # Plain float32 on the CPU.
@@ -342,7 +353,10 @@ def main() -> None:
         fail(str(error))
 
     model = resnet18(num_classes=10).to(device=device, memory_format=memory_format)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+        fused=device.type == "cuda",  # One kernel for the whole update: the step is launch-bound.
+    )
     train_step_model = torch.compile(model) if args.compile and device.type == "cuda" else model
 
     # --- Resume from the trial's checkpoint, if a previous run of this trial left one. ---
