@@ -64,7 +64,7 @@ def main():
         f"start -> 1st step: seconds from process start to the first training step",
         "peak host memory: the trial's main process (ru_maxrss); upstream's DataLoader workers are processes of their "
         "own (forked, sharing most pages), the largest one's peak in brackets",
-        f"last epoch: ours is {speedup:.1f}x faster than upstream's design on {ours.device}"
+        f"last epoch: ours trains {speedup:.1f}x as fast as upstream's design on {ours.device}"
         + (f" (target >= {target}x on a GPU: {common.verdict(speedup >= target)})" if target else
            " (the >= 10x target is for a GPU)"),
     ]
