@@ -308,6 +308,15 @@ def cpu_model() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def has_gpu_or_cpu_override(benchmark: str, cpu: bool) -> bool:
+    """Whether a GPU-only benchmark should run: there is a GPU, or --cpu asked to test the script."""
+    if gpu_names():
+        return True
+    print(f"{benchmark}: no GPU found (nvidia-smi lists none): this benchmark needs a GPU"
+          + ("; running on the CPU (--cpu) only to prove the script works" if cpu else "; skipped"), flush=True)
+    return cpu
+
+
 def gpu_names() -> tuple:
     """The NVIDIA GPUs here (empty where there is none), without importing torch in this process.
 

@@ -35,11 +35,8 @@ def main():
     images_per_batch = args.images_per_batch or (100 if args.quick else common.FULL_IMAGES_PER_BATCH)
 
     common.print_header("GPU concurrency: aggregate images/s of concurrent main.py trials on one GPU")
-    if not common.gpu_names():
-        print("gpu_concurrency: no GPU found (nvidia-smi lists none): this benchmark needs a GPU"
-              + ("; running on the CPU (--cpu) only to prove the script works" if args.cpu else "; skipped"), flush=True)
-        if not args.cpu:
-            return
+    if not common.has_gpu_or_cpu_override("gpu_concurrency", args.cpu):
+        return
     data_dir = common.ensure_data(args.data_root, images_per_batch)
 
     rows, single_rate = [], None

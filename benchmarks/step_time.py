@@ -32,11 +32,8 @@ def main():
     steps = args.steps or (3 if args.quick else 40)
 
     common.print_header("Step time: one training step of ResNet18, and the first step at each new shape")
-    if not common.gpu_names():
-        print("step_time: no GPU found (nvidia-smi lists none): this benchmark needs a GPU"
-              + ("; running on the CPU (--cpu) only to prove the script works" if args.cpu else "; skipped"), flush=True)
-        if not args.cpu:
-            return
+    if not common.has_gpu_or_cpu_override("step_time", args.cpu):
+        return
 
     import torch
     import torch.nn.functional as F
