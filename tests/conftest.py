@@ -1,7 +1,9 @@
 """Shared fixtures: the generated CIFAR-10 look-alike and helpers to run main.py and Oríon."""
 
 import os
+import json
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,11 @@ from cifar10_lookalike import write_cifar10_archive, write_cifar10_lookalike
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PY = REPO_ROOT / "main.py"
+README = REPO_ROOT / "README.md"
+# The human line main.py logs per epoch (other tools parse it); everything else that tests
+# check about an epoch comes from the trial's metrics.jsonl (`read_metrics`).
+EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
+OBJECTIVE_LINE = re.compile(r"Objective \(1 - validation accuracy\): \S+")
 # Small enough that one CPU epoch takes a few seconds, learnable enough to beat chance.
 IMAGES_PER_BATCH = 100  # x5 training batches -> 450 train / 50 validation images.
 
@@ -40,6 +47,22 @@ def run_main(*args, env=None, timeout=600, **popen_kwargs) -> subprocess.Complet
         env=env if env is not None else clean_env(),
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, **popen_kwargs,
     )
+
+
+def read_metrics(trial_dir: Path) -> list[dict]:
+    """main.py's per-epoch records (metrics.jsonl in the trial's folder)."""
+    return [json.loads(line) for line in (Path(trial_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def readme_commands(program: str) -> list[str]:
+    """The `program ...` lines of the README's code blocks, without trailing comments."""
+    commands, in_code = [], False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif in_code and line.strip().removeprefix("$ ").startswith(program + " "):
+            commands.append(line.strip().removeprefix("$ ").split(" #")[0].strip())
+    return commands
 
 
 # --- A real single-node Slurm cluster (tests/slurm/cluster.sh) ----------------------------

@@ -3,7 +3,6 @@
 import json
 import multiprocessing
 import pickle
-import re
 import shlex
 import shutil
 import subprocess
@@ -15,9 +14,8 @@ import torch
 
 import main
 from cifar10_lookalike import dumps_py2, write_cifar10_archive
-from conftest import IMAGES_PER_BATCH, REPO_ROOT, clean_env, run_main
+from conftest import EPOCH_LINE, IMAGES_PER_BATCH, REPO_ROOT, clean_env, read_metrics, readme_commands, run_main
 
-EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
 N_IMAGES = 5 * IMAGES_PER_BATCH
 N_VALID = N_IMAGES // 10
 
@@ -27,10 +25,11 @@ N_VALID = N_IMAGES // 10
 
 def test_loads_official_format_and_splits_90_10(cifar_data_dir):
     train_x, train_y, valid_x, valid_y = main.load_train_and_validation(cifar_data_dir, torch.device("cpu"))
-    assert train_x.shape == (N_IMAGES - N_VALID, 3, 32, 32) and valid_x.shape == (N_VALID, 3, 32, 32)
-    assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
-    assert len(train_y) == len(train_x) and len(valid_y) == len(valid_x)
-    assert 0 <= int(train_y.min()) and int(train_y.max()) <= 9
+    assert train_x.shape == (N_IMAGES - N_VALID, 3, 32, 32)
+    assert valid_x.shape == (N_VALID, 3, 32, 32)
+    assert (train_x.dtype, train_y.dtype) == (torch.uint8, torch.int64)
+    assert (len(train_y), len(valid_y)) == (len(train_x), len(valid_x))
+    assert set(train_y.tolist()) <= set(range(10))
     # The split is a partition of the five training batches: no image lost or duplicated.
     raw = np.concatenate([main.load_batch_file(cifar_data_dir / "cifar-10-batches-py" / f"data_batch_{i}")[0]
                           for i in range(1, 6)])
@@ -114,7 +113,8 @@ def test_python3_pickles_with_str_keys_load_too(data_copy):
     batch = pickle.loads(path.read_bytes(), encoding="latin1")
     path.write_bytes(pickle.dumps(batch))
     images, labels = main.load_batch_file(path)
-    assert images.shape == (IMAGES_PER_BATCH, 3, 32, 32) and labels.tolist() == batch["labels"]
+    assert images.shape == (IMAGES_PER_BATCH, 3, 32, 32)
+    assert labels.tolist() == batch["labels"]
 
 
 # --- Command line ---------------------------------------------------------------------
@@ -124,12 +124,15 @@ def test_python3_pickles_with_str_keys_load_too(data_copy):
     "argv, expected",
     [
         (["--epochs", "0"], "--epochs: must be a positive integer, got 0"),
-        (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        (["--batch-size", "0"], "--batch-size: must be an integer >= 2 (BatchNorm needs two images), got 0"),
         (["--learning-rate", "0"], "--learning-rate: must be a positive number, got 0"),
         (["--learning-rate=-1e-3"], "--learning-rate: must be a positive number, got -1e-3"),
         (["--learning-rate", "nan"], "--learning-rate: must be a positive number, got nan"),
         (["--weight-decay", "-1"], "--weight-decay: must be zero or a positive number, got -1"),
-        (["--epochs", "ten"], "--epochs: invalid positive_int value: 'ten'"),
+        (["--epochs", "ten"], "--epochs: invalid integer value: 'ten'"),
+        (["--batch-size", "1"], "--batch-size: must be an integer >= 2 (BatchNorm needs two images), got 1"),
+        (["--seed", "-1"], "--seed: must be an integer >= 0, got -1"),
+        (["--fooo", "1"], "unrecognized arguments: --fooo 1"),
     ],
 )
 def test_bad_hyperparameters_give_one_error_line(monkeypatch, capsys, argv, expected):
@@ -138,7 +141,14 @@ def test_bad_hyperparameters_give_one_error_line(monkeypatch, capsys, argv, expe
         main.parse_args()
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and expected in err
+    assert expected in err
+
+
+def test_bad_argument_error_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["main.py", "--epochs", "0"])
+    with pytest.raises(SystemExit):
+        main.parse_args()
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_data_dir_defaults_to_slurm_tmpdir(monkeypatch, tmp_path):
@@ -152,9 +162,14 @@ def test_data_dir_defaults_to_slurm_tmpdir(monkeypatch, tmp_path):
 def test_bad_data_is_one_line_without_traceback(tmp_path):
     result = run_main("--data-dir", tmp_path, "--epochs", "1")
     assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.strip().count("\n") == 0  # One line: no traceback.
     assert result.stderr.startswith(f"error: CIFAR-10 not found in {tmp_path}")
+
+
+def test_batch_size_larger_than_the_data_is_refused(cifar_data_dir):
+    result = run_main("--data-dir", cifar_data_dir, "--batch-size", "1000")
+    assert result.returncode == 1
+    assert result.stderr == "error: --batch-size 1000 is larger than the 450 training images: pass a smaller one\n"
 
 
 # --- Training and reporting -----------------------------------------------------------
@@ -164,7 +179,7 @@ def test_augment_crops_and_flips_on_the_device():
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
     augmented = main.augment(images)
-    assert augmented.shape == images.shape and augmented.dtype == torch.uint8
+    assert (augmented.shape, augmented.dtype) == (images.shape, torch.uint8)
     # Each output is the input shifted by at most 4 px (zero fill), possibly flipped.
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for image, out in zip(padded, augmented):
@@ -173,40 +188,66 @@ def test_augment_crops_and_flips_on_the_device():
     assert not torch.equal(augmented, images)
 
 
-def test_one_cpu_epoch_beats_chance_and_reports_to_orion(cifar_data_dir, tmp_path):
-    results_path = tmp_path / "results.json"
+@pytest.fixture(scope="module")
+def one_cpu_epoch(cifar_data_dir, tmp_path_factory):
+    """One epoch on the CPU, as a trial: (its output, its metrics records, its results file's content)."""
+    tmp_path = tmp_path_factory.mktemp("one-epoch")
     result = run_main(
         "--data-dir", cifar_data_dir, "--epochs", "1", "--batch-size", "32", "--learning-rate", "1e-3",
-        env=clean_env(ORION_RESULTS_PATH=results_path),
+        "--checkpoint-dir", tmp_path / "trial", env=clean_env(ORION_RESULTS_PATH=tmp_path / "results.json"),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "No GPU found: training on the CPU" in result.stdout
-    epochs = EPOCH_LINE.findall(result.stdout)
-    assert [e[0] for e in epochs] == ["0"]
-    accuracy = float(epochs[0][2]) / 100
-    assert accuracy > 0.3  # Chance is 0.1.
-    # Oríon's results-file protocol: a list with one objective, a plain float.
-    results = json.loads(results_path.read_text())
-    assert results == [{"name": "objective", "type": "objective", "value": pytest.approx(1 - accuracy, abs=1e-4)}]
-    assert f"Objective (1 - validation accuracy): {1 - accuracy:.4f}" in result.stdout
+    return result.stdout, read_metrics(tmp_path / "trial"), json.loads((tmp_path / "results.json").read_text())
 
 
-def test_diverged_run_still_reports_its_accuracy(cifar_data_dir, tmp_path):
+def test_cpu_run_says_it_has_no_gpu(one_cpu_epoch):
+    output, _, _ = one_cpu_epoch
+    assert "No GPU found: training on the CPU" in output
+
+
+def test_one_cpu_epoch_beats_chance(one_cpu_epoch):
+    _, [metrics], _ = one_cpu_epoch
+    assert metrics["val_accuracy"] > 0.3  # Chance is 0.1.
+
+
+def test_metrics_file_has_one_record_per_epoch_with_what_plots_need(one_cpu_epoch):
+    _, records, _ = one_cpu_epoch
+    assert [r["epoch"] for r in records] == [0]
+    expected = {"train_loss", "val_loss", "val_accuracy", "train_seconds", "val_seconds", "images_per_second",
+                "trained_images", "train_images", "device"}
+    assert expected <= set(records[0])
+
+
+def test_metrics_agree_with_the_epoch_line(one_cpu_epoch):
+    output, [metrics], _ = one_cpu_epoch
+    [(epoch, val_loss, accuracy)] = EPOCH_LINE.findall(output)
+    assert (int(epoch), val_loss, accuracy) == (0, f"{metrics['val_loss']:.3f}", f"{metrics['val_accuracy']:.2%}"[:-1])
+
+
+def test_reports_one_minus_accuracy_in_orions_results_file(one_cpu_epoch):
+    _, [metrics], results = one_cpu_epoch
+    assert results == [{"name": "objective", "type": "objective", "value": 1 - metrics["val_accuracy"]}]
+
+
+def test_reported_objective_is_a_plain_float(one_cpu_epoch):
+    _, _, [result] = one_cpu_epoch
+    assert type(result["value"]) is float
+
+
+def test_diverged_run_stops_early_and_still_reports_its_accuracy(cifar_data_dir, tmp_path):
     results_path = tmp_path / "results.json"
     result = run_main(
-        "--data-dir", cifar_data_dir, "--epochs", "3", "--learning-rate", "1e30",
+        "--data-dir", cifar_data_dir, "--epochs", "3", "--learning-rate", "1e30", "--checkpoint-dir", tmp_path / "trial",
         env=clean_env(ORION_RESULTS_PATH=results_path),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Training diverged in epoch 0" in result.stdout
-    assert len(EPOCH_LINE.findall(result.stdout)) == 1  # Stopped early: NaN weights never recover.
+    assert [(r["epoch"], r["diverged"]) for r in read_metrics(tmp_path / "trial")] == [(0, True)]
     [objective] = json.loads(results_path.read_text())
     assert 0.0 <= objective["value"] <= 1.0
 
 
 def test_readme_commands_for_main_py_work_as_written(tmp_path):
-    from test_job import readme_commands
-
     commands = readme_commands("uv run python")
     assert [c.split()[3] for c in commands] == ["tests/cifar10_lookalike.py", "main.py"]
     data = REPO_ROOT / "data"
@@ -219,7 +260,7 @@ def test_readme_commands_for_main_py_work_as_written(tmp_path):
                                     timeout=600)
             assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
             outputs.append(result.stdout)
-        assert EPOCH_LINE.search(outputs[-1]) and "Objective (1 - validation accuracy)" in outputs[-1]
+        assert "Objective (1 - validation accuracy)" in outputs[-1]
     finally:
         if owned:
             shutil.rmtree(data, ignore_errors=True)

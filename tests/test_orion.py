@@ -1,6 +1,7 @@
 """End to end: real `orion hunt` workers run main.py against a real PickledDB file."""
 
 import subprocess
+import sys
 
 from conftest import MAIN_PY, REPO_ROOT, clean_env, read_trials
 
@@ -51,3 +52,19 @@ def test_hunt_three_trials_then_info_and_plot(cifar_data_dir, tmp_path):
     assert plot.returncode == 0, plot.stdout + plot.stderr
     png = (tmp_path / "regret.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+
+def test_main_writes_the_same_results_file_as_orion_client(tmp_path):
+    """main.py writes Oríon's results file itself (no `import orion.client` per trial): the same bytes."""
+    files = {name: tmp_path / f"{name}.json" for name in ("orion", "main")}
+    for path in files.values():
+        path.write_text("")  # Oríon creates the file before it starts the trial; orion.client requires it.
+    reporters = {
+        "orion": "from orion.client import report_objective; report_objective(0.3125)",
+        "main": "import main; main.report_objective(0.3125)",
+    }
+    for name, code in reporters.items():
+        result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO_ROOT, capture_output=True,
+                                text=True, env=clean_env(ORION_RESULTS_PATH=files[name]), timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert files["main"].read_bytes() == files["orion"].read_bytes()

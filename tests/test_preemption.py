@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import MAIN_PY, REPO_ROOT, clean_env, database, read_trials, run_main
-
-EPOCH_LINE = re.compile(r"Epoch \d+: Val loss: \S+ accuracy: \S+%")
-OBJECTIVE_LINE = re.compile(r"Objective \(1 - validation accuracy\): \S+")
+from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, database, read_metrics, read_trials,
+                      run_main)
 # 450 training images in batches of 32: 15 steps per epoch, a few seconds on this CPU.
 TRAIN_ARGS = ["--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3"]
 
@@ -38,10 +37,15 @@ def log_text(path: Path) -> str:
 @pytest.fixture(scope="module")
 def uninterrupted(cifar_data_dir, tmp_path_factory):
     """The reference: the same run, never interrupted."""
-    result = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS,
-                      "--checkpoint-dir", tmp_path_factory.mktemp("reference"))
+    trial_dir = tmp_path_factory.mktemp("reference")
+    result = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", trial_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
+    return result.stdout, trial_dir
+
+
+def learning_curve(trial_dir) -> list[tuple]:
+    """What must not change when a run is interrupted and resumed: its per-epoch results."""
+    return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in read_metrics(trial_dir)]
 
 
 def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cifar_data_dir, tmp_path, uninterrupted):
@@ -63,17 +67,17 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cifar_data_dir, tmp_pa
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     step = f", step {saved[2]}" if int(saved[2]) else ""
     assert re.search(rf"Resuming training at epoch 1{step}\s", resumed.stdout)
-    # Bit-identical: the same validation lines for every epoch, and the same objective.
-    epochs_before = EPOCH_LINE.findall(output)
-    assert epochs_before + EPOCH_LINE.findall(resumed.stdout) == EPOCH_LINE.findall(uninterrupted)
-    assert OBJECTIVE_LINE.findall(resumed.stdout) == OBJECTIVE_LINE.findall(uninterrupted)
+    # Bit-identical: the same losses and accuracies for every epoch.
+    assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])
+    assert OBJECTIVE_LINE.findall(resumed.stdout) == OBJECTIVE_LINE.findall(uninterrupted[0])
 
 
 def test_finished_checkpoint_reports_without_retraining(cifar_data_dir, tmp_path, uninterrupted):
     first = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
     again = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
     assert again.returncode == 0
-    assert "Resuming training at epoch 2" in again.stdout and not EPOCH_LINE.findall(again.stdout)
+    assert "Resuming training at epoch 2" in again.stdout
+    assert EPOCH_LINE.findall(again.stdout) == []  # Nothing trained again.
     assert OBJECTIVE_LINE.findall(again.stdout) == OBJECTIVE_LINE.findall(first.stdout)
 
 
@@ -81,17 +85,48 @@ def test_unreadable_checkpoint_warns_and_starts_over(cifar_data_dir, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Cannot read checkpoint" in result.stdout and "starting from scratch" in result.stdout
-    assert len(EPOCH_LINE.findall(result.stdout)) == 1
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1  # Replaced.
+    assert "Cannot read checkpoint" in result.stdout
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["training_state"]["epoch"] == 1  # Replaced.
 
 
 def test_checkpoint_of_another_run_is_refused(cifar_data_dir, tmp_path):
     assert run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path).returncode == 0
     other = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--learning-rate", "0.1",
                      "--checkpoint-dir", tmp_path)
-    assert other.returncode == 1 and "Traceback" not in other.stderr
-    assert "belongs to another run" in other.stderr and other.stderr.count("\n") == 1
+    assert other.returncode == 1
+    assert other.stderr.startswith(f"error: {tmp_path / 'checkpoint.pt'} belongs to another run")
+    assert other.stderr.count("\n") == 1  # One line: no traceback.
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"run_identity": {}, "epoch": 1, "model": {}},  # What main.py saved before checkpoint format 2.
+        {"format": 2},  # Keys missing.
+        [1, 2, 3],  # Not even a dict.
+    ],
+)
+def test_checkpoint_of_another_format_is_refused_in_one_line(cifar_data_dir, tmp_path, content):
+    torch.save(content, tmp_path / "checkpoint.pt")
+    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {tmp_path / 'checkpoint.pt'} was not written by this version of main.py: "
+                             "delete it to start this trial over, or pass another --checkpoint-dir\n")
+
+
+def test_checkpoint_that_is_a_folder_is_refused_in_one_line(cifar_data_dir, tmp_path):
+    (tmp_path / "checkpoint.pt").mkdir()
+    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'checkpoint.pt'} is a folder, not a checkpoint")
+
+
+def test_metrics_file_follows_the_checkpoint(cifar_data_dir, tmp_path, uninterrupted):
+    # A run killed between the checkpoint and its metrics file: the next run rewrites them.
+    shutil.copy(uninterrupted[1] / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    result = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])
 
 
 # --- Under `orion hunt` ----------------------------------------------------------------
