@@ -60,7 +60,7 @@ INTERRUPTED_EXIT_CODE = int(os.environ.get("ORION_INTERRUPT_CODE", 130))
 # Arguments that may differ when a trial resumes from its checkpoint: a multi-fidelity
 # algorithm promotes a trial to more --epochs, and paths differ between nodes. Every other
 # argument (every hyperparameter, including one you add) must match the checkpoint's.
-MAY_CHANGE_ON_RESUME = {"epochs", "data_dir", "checkpoint_dir", "compile"}
+MAY_CHANGE_ON_RESUME = {"epochs", "data_dir", "checkpoint_dir", "compile", "cuda_graph"}
 CHECKPOINT_FORMAT = 2  # Bump when the checkpoint's contents change.
 
 
@@ -79,21 +79,24 @@ def main() -> None:
     data = load_data_or_fail(args.data_dir, hardware.device, args.batch_size)
     model, optimizer = build_model_and_optimizer(args, hardware)
     state = resume_or_start(args, model, optimizer, hardware.device)
+    step = make_train_step(model, optimizer, args, hardware)
+    ready_seconds = time.perf_counter() - started
     logger.info(
         f"Training on {hardware.device.type}: {len(data.train_images)} training and {len(data.valid_images)} "
         f"validation images, {steps_per_epoch(data, args)} steps per epoch; "
-        f"ready after {time.perf_counter() - started:.1f} s"
+        f"ready after {ready_seconds:.1f} s"
     )
 
     while state.epoch < args.epochs and not state.diverged:
         epoch_start = time.perf_counter()
-        trained_images = train_one_epoch(model, optimizer, data, state, args, hardware, stop)
+        trained_images = train_one_epoch(model, step, data, state, args, hardware, stop)
         if stop.received:
             save_and_exit_interrupted(args.checkpoint_dir, state, model, optimizer, args, stop.received)
         train_seconds = time.perf_counter() - epoch_start  # train_one_epoch waited for the GPU.
         val_loss, val_accuracy = evaluate(model, data.valid_images, data.valid_labels, hardware)
         end_epoch(state, data, args, hardware, val_loss, val_accuracy, trained_images, train_seconds,
-                  val_seconds=time.perf_counter() - epoch_start - train_seconds, started=started)
+                  val_seconds=time.perf_counter() - epoch_start - train_seconds, started=started,
+                  ready_seconds=ready_seconds)
         save_checkpoint_and_metrics(args.checkpoint_dir, state, model, optimizer, args)
 
     report_objective(1.0 - reported_epoch(state, args)["val_accuracy"])
@@ -163,8 +166,12 @@ def parse_args() -> argparse.Namespace:
         "(default: the Oríon trial's working directory, $ORION_WORKING_DIR; none outside Oríon)",
     )
     parser.add_argument(
-        "--compile", action="store_true",
-        help="torch.compile the model (CUDA only; costs compile time at the start of every trial)",
+        "--compile", nargs="?", const="default", choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the model for training, in this mode (CUDA only; costs compile time in every trial)",
+    )
+    parser.add_argument(
+        "--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+        help="replay the whole training step as one CUDA graph (CUDA only; see CudaGraphTrainStep)",
     )
     return parser.parse_args()
 
@@ -348,15 +355,10 @@ def build_model_and_optimizer(args, hardware: Hardware) -> tuple[torch.nn.Module
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
         fused=hardware.device.type == "cuda",  # One kernel for the whole update: the step is launch-bound.
+        # A CUDA graph replays the update with its step count kept on the GPU.
+        capturable=use_cuda_graph(args, hardware),
     )
     return model, optimizer
-
-
-@functools.cache
-def compiled(model: torch.nn.Module) -> torch.nn.Module:
-    # Used for training steps only: it shares the model's parameters (checkpoints are
-    # unchanged), and validation's other batch shape would cost a second compilation.
-    return torch.compile(model)
 
 
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, hardware: Hardware,
@@ -375,11 +377,80 @@ def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, har
     return loss.detach() * len(labels)
 
 
+def use_cuda_graph(args, hardware: Hardware) -> bool:
+    return args.cuda_graph and hardware.device.type == "cuda" and not args.compile
+
+
+def make_train_step(model, optimizer, args, hardware: Hardware):
+    """`step(images, labels) -> summed loss`: `train_step`, or its CUDA-graph replay (--cuda-graph)."""
+    if args.cuda_graph and not use_cuda_graph(args, hardware):
+        logger.warning("--cuda-graph needs a GPU and no --compile: training without the graph")
+    if use_cuda_graph(args, hardware):
+        return CudaGraphTrainStep(model, optimizer, hardware, args.batch_size, args.augment)
+    step_model = torch.compile(model, mode=args.compile) if args.compile and hardware.device.type == "cuda" else model
+    return functools.partial(train_step, step_model, optimizer, hardware=hardware, augment_images=args.augment)
+
+
+class CudaGraphTrainStep:
+    """The whole training step (forward, loss, backward, AdamW) captured once as a CUDA graph.
+
+    A ResNet18 step at batch 128 launches hundreds of small kernels; from Python that takes
+    longer than the GPU needs to run them. Replaying a graph launches them all at once.
+    This follows PyTorch's "whole-network capture" recipe (CUDA semantics notes): a few
+    eager steps on a side stream first, static input buffers that every batch is copied
+    into, a capturable optimizer, and no host sync inside. The graph has a fixed batch
+    size: the last, smaller batch of an epoch runs eagerly. If capture fails, it warns once
+    and trains eagerly.
+    """
+
+    EAGER_STEPS_BEFORE_CAPTURE = 3  # Allocate cuDNN/cuBLAS workspaces and the optimizer state.
+
+    def __init__(self, model, optimizer, hardware: Hardware, batch_size: int, augment_images: bool):
+        self.eager_step = functools.partial(train_step, model, optimizer, hardware=hardware,
+                                            augment_images=augment_images)
+        self.optimizer, self.batch_size = optimizer, batch_size
+        self.images = torch.zeros((batch_size, 3, 32, 32), dtype=torch.uint8, device=hardware.device)
+        self.labels = torch.zeros((batch_size,), dtype=torch.long, device=hardware.device)
+        self.graph, self.loss, self.eager_steps, self.failed = None, None, 0, False
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if len(images) != self.batch_size or self.failed:
+            return self.eager_step(images, labels)
+        if self.graph is None and self.eager_steps < self.EAGER_STEPS_BEFORE_CAPTURE:
+            self.eager_steps += 1
+            side_stream = torch.cuda.Stream()
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                loss = self.eager_step(images, labels)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return loss
+        if self.graph is None and not self.capture():
+            return self.eager_step(images, labels)
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.loss  # Overwritten by the next replay: the caller adds it up at once.
+
+    def capture(self) -> bool:
+        try:
+            graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # Gradients then live in the graph's memory pool.
+            with torch.cuda.graph(graph):
+                self.loss = self.eager_step(self.images, self.labels)
+        except Exception as error:  # Capture refuses any host sync or CPU-GPU copy inside the step.
+            logger.warning(f"Could not capture the training step in a CUDA graph ({type(error).__name__}: "
+                           f"{error}); training without it")
+            self.failed = True
+            return False
+        self.graph = graph
+        return True
+
+
 def steps_per_epoch(data: Data, args) -> int:
     return math.ceil(len(data.train_images) / args.batch_size)
 
 
-def train_one_epoch(model, optimizer, data: Data, state: "TrainingState", args, hardware: Hardware,
+def train_one_epoch(model, step, data: Data, state: "TrainingState", args, hardware: Hardware,
                     stop: "StopSignal") -> int:
     """Trains from `state.step` to the end of the epoch, or until a stop signal; returns the images trained."""
     model.train()
@@ -389,7 +460,6 @@ def train_one_epoch(model, optimizer, data: Data, state: "TrainingState", args, 
     n_steps, trained_images = steps_per_epoch(data, args), 0
     progress_bar = tqdm(total=n_steps, initial=state.step, desc=f"Train epoch {state.epoch}",
                         disable=not sys.stdout.isatty())  # No progress bars in Slurm's log files.
-    step_model = compiled(model) if args.compile and hardware.device.type == "cuda" else model
     while state.step < n_steps and not stop.received:
         batch = state.epoch_order[state.step * args.batch_size : (state.step + 1) * args.batch_size]
         state.step += 1
@@ -397,8 +467,7 @@ def train_one_epoch(model, optimizer, data: Data, state: "TrainingState", args, 
             continue  # The last batch holds one image: BatchNorm cannot train on it.
         # Accumulated on the device: reading the loss every step would make the CPU wait
         # for the GPU. It is read once per epoch.
-        state.train_loss_sum += train_step(step_model, optimizer, data.train_images[batch], data.train_labels[batch],
-                                           hardware, args.augment)
+        state.train_loss_sum += step(data.train_images[batch], data.train_labels[batch])
         trained_images += len(batch)
         progress_bar.update(1)
     progress_bar.close()
@@ -610,7 +679,8 @@ def peak_memory_gib(device: torch.device) -> tuple[float, float]:
 
 
 def end_epoch(state: TrainingState, data: Data, args, hardware: Hardware, val_loss: float, val_accuracy: float,
-              trained_images: int, train_seconds: float, val_seconds: float, started: float) -> None:
+              trained_images: int, train_seconds: float, val_seconds: float, started: float,
+              ready_seconds: float) -> None:
     """Logs the epoch and adds its metrics record to the run's history; moves on to the next epoch."""
     if state.diverged:
         logger.warning(f"Training diverged in epoch {state.epoch} (loss is not finite); stopping early")
@@ -632,6 +702,7 @@ def end_epoch(state: TrainingState, data: Data, args, hardware: Hardware, val_lo
         "trained_images": trained_images,
         "train_images": len(data.train_images),
         "valid_images": len(data.valid_images),
+        "ready_seconds": ready_seconds,  # This process's start -> its first training step.
         "seconds_since_start": time.perf_counter() - started,  # Of this process.
         "device": hardware.device.type,
         "peak_host_gib": peak_host_gib,
