@@ -246,3 +246,14 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_env, job_env, tmp_path
     assert [t["status"] for t in read_trials(database(job_env), "orion-example")] == ["completed"]
     [log] = trial_logs(job_env)
     assert re.search(r"saved checkpoint at epoch 1, step \d+", log) and "Resuming training at epoch 1" in log
+
+
+def test_promotion_to_more_epochs_equals_training_straight_there(cifar_data_dir, tmp_path, uninterrupted):
+    # What a multi-fidelity algorithm (ASHA) does: the same configuration at a higher
+    # fidelity, in a copy of the lower rung's folder (Oríon copies a trial's parent's folder).
+    lower_rung = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS[2:], "--epochs", "1", "--checkpoint-dir", tmp_path)
+    assert lower_rung.returncode == 0, lower_rung.stdout + lower_rung.stderr
+    promoted = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert "Resuming training at epoch 1" in promoted.stdout
+    assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])
