@@ -1,24 +1,12 @@
 #!/bin/bash
-# Hyperparameter search of main.py with Oríon, as a Slurm job array: every array task is
+# Hyperparameter search of main.py with Oríon, as a Slurm job array: every array task runs
 # one (or several) Oríon workers; all of them share one PickledDB database in $SCRATCH.
 #
-#   sbatch --array=1-10 job.sh                                 # 10 workers, one GPU each
-#   sbatch --array=1-10 --ntasks-per-gpu=5 --cpus-per-task=2 job.sh   # 5 workers share each GPU
-#   sbatch --array=1-3 job.sh --epochs 1                       # arguments go on to main.py
-#   bash job.sh --epochs 1                                     # no Slurm: try it on a workstation
+#   sbatch --array=1-10 job.sh [main.py arguments]     # 10 workers, one GPU each
+#   bash job.sh --epochs 1                               # no Slurm: try it on a workstation
 #
-# Then, from this folder:  uv run orion info -n orion-example
-#                          uv run orion plot regret -n orion-example
-#
-# Environment overrides (sbatch passes your environment on to the job):
-#   CIFAR10_ARCHIVE   the official cifar-10-python.tar.gz to stage
-#                     (default: the cluster's copy, /network/datasets/cifar10/cifar-10-python.tar.gz;
-#                     where it does not exist, the official archive is downloaded and its MD5 checked)
-#   ORION_EXPERIMENT  the experiment's name (default: orion-example)
-#   ORION_MAX_TRIALS  how many completed trials end the search (default: 10)
-#   SCRATCH           shared folder for the database and the trials' folders
-#                     (set on most clusters; default outside Slurm: ./scratch)
-#   ORION_DB_ADDRESS  the PickledDB file (default: $SCRATCH/orion-example/orion_db.pkl)
+# Variants, settings (environment variables), what ends up where, and the steps below in
+# words: see README, "job.sh".
 #
 # --- Slurm options (command-line options override these lines of the same name) ---------
 # A GPU for the *job*, not per task (--gpus-per-task): Slurm refuses --gpus-per-task
@@ -31,17 +19,19 @@
 # Host memory per GPU: enough for five trials on one GPU (see README, "Benchmarks").
 #SBATCH --mem-per-gpu=16G
 #SBATCH --time=01:00:00
-# Preemption kills and requeues the job; trials resume from their checkpoints.
+# Preemption and the time limit: see README, "Preemption", and step 6.
 #SBATCH --requeue
 # A requeued job appends to its output file instead of overwriting what the first run wrote.
 #SBATCH --open-mode=append
-# 120 s before the time limit, send SIGUSR1 to this script only ("B:"): it asks the
-# trials to checkpoint and exit, then requeues the job (see "Preemption" below).
+# "B:": SIGUSR1 to this script only, not to the trials (step 6).
 #SBATCH --signal=B:USR1@120
 #SBATCH --job-name=orion-example
 
 set -euo pipefail
+# Step 3 takes back only the trials that no worker has touched since this moment.
+job_started_at=$(date +%s.%N)
 
+# --- 1. Check and defaults -------------------------------------------------------------
 echo "Date:     $(date)"
 echo "Hostname: $(hostname)"
 # sbatch runs a copy of this script, in the folder it was submitted from.
@@ -49,40 +39,46 @@ if [[ ! -f main.py ]]; then
     echo "error: main.py is not in $PWD: cd to the folder holding main.py and job.sh, then submit" >&2
     exit 1
 fi
-
-# --- Defaults, inside or outside Slurm ------------------------------------------------
-if [[ -z "${SLURM_JOB_ID:-}" ]]; then
-    # Not under Slurm: a temporary folder plays $SLURM_TMPDIR, ./scratch plays $SCRATCH.
+# The one place that tells Slurm from a workstation: how to run once per node and once per task.
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    # srun inherits --ntasks-per-gpu from the job through the environment, and refuses it
+    # together with --ntasks-per-node.
+    on_each_node=(env -u SLURM_NTASKS_PER_GPU
+                  srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1)
+    on_each_task=(srun)
+else
+    # A temporary folder plays $SLURM_TMPDIR, ./scratch plays $SCRATCH.
     SLURM_TMPDIR="$(mktemp -d)"
     trap 'rm -rf "$SLURM_TMPDIR"' EXIT
     export SLURM_TMPDIR
     export SCRATCH="${SCRATCH:-$PWD/scratch}"
+    on_each_node=()
+    on_each_task=()
 fi
 # $SLURM_TMPDIR (fast node-local disk, wiped after the job) is a site convention set by
 # the cluster's prolog, not stock Slurm: fail clearly where a cluster lacks it.
 : "${SLURM_TMPDIR:?is not set: this cluster has no per-job local folder; export SLURM_TMPDIR=/some/local/tmp}"
 : "${SCRATCH:?is not set: export SCRATCH=/a/shared/folder for the database and the trials}"
-CIFAR10_ARCHIVE="${CIFAR10_ARCHIVE:-/network/datasets/cifar10/cifar-10-python.tar.gz}"
-CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz}"
-CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
+export CIFAR10_ARCHIVE="${CIFAR10_ARCHIVE:-/network/datasets/cifar10/cifar-10-python.tar.gz}"
+export CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz}"
+export CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
 ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
 ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-10}"
+# The database and the trials of every search with this script. Named after the example,
+# not after $ORION_EXPERIMENT: the experiments share the one database.
+search_dir="$SCRATCH/orion-example"
 # Oríon reads these two in every command (hunt, info, plot, status), whatever the config says.
 export ORION_DB_TYPE=pickleddb
-export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$SCRATCH/orion-example/orion_db.pkl}"
+export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
+export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see README, "Preemption".
 # The trials' folders (checkpoints, train.log) persist in $SCRATCH: a requeued or another
 # worker resumes an interrupted trial there. Without --working-dir, Oríon deletes them.
-trials_dir="$SCRATCH/orion-example/$ORION_EXPERIMENT"
+trials_dir="$search_dir/$ORION_EXPERIMENT"
 mkdir -p "$trials_dir" "$(dirname "$ORION_DB_ADDRESS")"
-# A trial whose worker died without a word (SIGKILL, node failure) stays "reserved" until
-# its heartbeat is 5 x ORION_HEARTBEAT seconds old; then the next worker that asks for a
-# trial re-runs it from its checkpoint. Oríon writes the heartbeat every 60 s (hard-coded),
-# so keep 5 x ORION_HEARTBEAT well above 60 s: else healthy trials get run twice. Oríon's
-# default, 120 s, leaves a dead worker's trial idle for 10 minutes; 30 s makes it 2.5.
-export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"
 
-# --- Stage CIFAR-10 and the Python environment, once per node --------------------------
-# Trials then read the data from the node's local disk, never from the shared filesystem.
+# --- 2. Stage the data and the environment (once per node) -----------------------------
+# Trials then read CIFAR-10 from the node's local disk, never from the shared filesystem.
+# shellcheck disable=SC2317  # Run by `bash -c stage_node` below.
 stage_node() {
     set -euo pipefail
     local data_dir="$SLURM_TMPDIR/data"
@@ -113,46 +109,22 @@ stage_node() {
         return 1
     fi
 }
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    export -f stage_node
-    export CIFAR10_ARCHIVE CIFAR10_URL CIFAR10_MD5
-    # One task per node. (srun inherits --ntasks-per-gpu from the job through the
-    # environment, and refuses it together with --ntasks-per-node.)
-    env -u SLURM_NTASKS_PER_GPU \
-        srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 bash -c stage_node
-else
-    stage_node
-fi
+export -f stage_node
+"${on_each_node[@]}" bash -c stage_node
 # The workers run from the synced environment directly, not through `uv run`: uv forwards
 # SIGTERM to its child, which then gets it twice (Slurm signals every process of the
 # step), and Oríon's hunt gives up on a trial at the second SIGTERM.
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
-# --- A requeued job takes its trials back --------------------------------------------
-# A job killed without warning (preemption on most partitions, `scontrol requeue`, node
-# failure) leaves its trials "reserved": Oríon only hands them out again once their
-# heartbeat is 5 x ORION_HEARTBEAT old. When Slurm restarts this job, we know which trials
-# were ours (the last "Running in Slurm job" line of their train.log names this job), so
-# we mark them "interrupted" at once, and the workers below resume them from checkpoints.
+# --- 3. Take back the trials of a requeued job -----------------------------------------
+# Why: see README, "Preemption". Which trials: `reclaim` in orion_tools.py.
 if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
-    python - "$ORION_EXPERIMENT" "$trials_dir" "$SLURM_JOB_ID" <<'EOF'
-import re, sys
-from pathlib import Path
-from orion.client import get_experiment
-
-name, trials_dir, job_id = sys.argv[1:]
-experiment = get_experiment(name, mode="w")
-for trial in experiment.fetch_trials_by_status("reserved"):
-    log = Path(trials_dir, trial.id, "train.log")
-    jobs = re.findall(r"Running in Slurm job (\S+) on", log.read_text()) if log.exists() else []
-    if jobs and jobs[-1] == job_id:
-        experiment.storage.set_trial_status(trial, status="interrupted", was="reserved")
-        print(f"Trial {trial.id} was left reserved when this job was killed: marked interrupted")
-EOF
+    python orion_tools.py reclaim --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT" \
+        --trials-dir "$trials_dir" --job-id "$SLURM_JOB_ID" --since "$job_started_at"
 fi
 
-# --- Oríon configuration -----------------------------------------------------------------
+# --- 4. Configure Oríon ------------------------------------------------------------------
 orion_config="$SLURM_TMPDIR/orion-config.yml"
 cat > "$orion_config" <<EOF
 experiment:
@@ -186,28 +158,29 @@ elif ! grep -qF "$ORION_DB_ADDRESS" "$global_config"; then
         "ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion info -n $ORION_EXPERIMENT" >&2
 fi
 
-# --- Run the Oríon workers -------------------------------------------------------------
+# --- 5. Run the workers ------------------------------------------------------------------
 # Each worker asks the database for a trial, runs main.py with its hyperparameters, reports,
 # and asks again until ORION_MAX_TRIALS trials have completed.
 # Several workers may share a GPU: keep their CPU threads within the task's CPUs.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
-hunt_log="$SLURM_TMPDIR/hunt.log"
 hunt=(
+    "${on_each_task[@]}"
     orion hunt -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir"
     python main.py --checkpoint-dir '{trial.working_dir}' "$@"
     --learning-rate~'loguniform(1e-5, 1.0)'
 )
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    hunt=(srun "${hunt[@]}")
-fi
+# In the background, so that this script takes signals while they run (step 6). The output
+# also goes to a file, to count this job's broken trials (step 7).
+hunt_log="$SLURM_TMPDIR/hunt.log"
+"${hunt[@]}" > >(tee "$hunt_log") 2>&1 &
+hunt_pid=$!
 
-# Preemption. Slurm signals every process of the steps (SIGTERM, then SIGKILL after the
-# grace time): main.py checkpoints within a step and exits 130, which Oríon records as
-# "interrupted" and hands to the next worker (or to this job once requeued). Near the time
-# limit, Slurm signals only this script (--signal=B:USR1): we pass SIGTERM on to every
-# process of the job's steps, wait for the trials to save, and requeue the job so it
-# carries on. (Not `kill -TERM` to srun: srun takes it as "abort the step" and kills the
-# trials a few seconds later, checkpoint or not.)
+# --- 6. Preemption -----------------------------------------------------------------------
+# What each signal does to a trial: see README, "Preemption". Near the time limit, Slurm
+# signals only this script (--signal=B:USR1): pass SIGTERM on to every process of the
+# job's steps, wait for the trials to checkpoint, and requeue the job. (Not `kill -TERM`
+# to srun: srun takes it as "abort the step" and kills the trials a few seconds later,
+# checkpoint or not.)
 near_time_limit=false
 # shellcheck disable=SC2317  # Called by the trap below.
 forward_to_workers() {
@@ -216,10 +189,6 @@ forward_to_workers() {
 }
 trap forward_to_workers USR1
 trap 'true' TERM  # Slurm signals the workers directly; wait for them to finish saving.
-
-# The output also goes to a file, to count this job's broken trials afterwards.
-"${hunt[@]}" > >(tee "$hunt_log") 2>&1 &
-hunt_pid=$!
 hunt_status=0
 while true; do
     wait "$hunt_pid" && hunt_status=0 || hunt_status=$?
@@ -227,15 +196,14 @@ while true; do
     kill -0 "$hunt_pid" 2>/dev/null || break
 done
 wait  # ... and for `tee` to write the last lines.
-
-if [[ "$near_time_limit" == true && -n "${SLURM_JOB_ID:-}" ]]; then
+if [[ "$near_time_limit" == true ]]; then
     echo "Time limit near: trials checkpointed; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
 
-# `orion hunt` exits 0 even when every trial broke: look for Oríon's per-trial error lines,
-# so that `sbatch --wait`, mail notifications and dependent jobs see the failure.
+# --- 7. Verdict --------------------------------------------------------------------------
+# `orion hunt` exits 0 even when every trial broke: count Oríon's per-trial error lines.
 broken_trials=$(grep -c "::ERROR::orion.client.runner::" "$hunt_log" || true)
 if (( broken_trials > 0 )); then
     echo "error: $broken_trials trial(s) of this job broke; their logs are in $trials_dir/<trial id>/train.log" >&2
