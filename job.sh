@@ -160,12 +160,13 @@ fi
 
 # --- 5. Run the workers ------------------------------------------------------------------
 # Each worker asks the database for a trial, runs main.py with its hyperparameters, reports,
-# and asks again until ORION_MAX_TRIALS trials have completed.
+# and asks again. `orion_tools.py hunt` is `orion hunt` with an exact budget: exactly
+# ORION_MAX_TRIALS trials, however many workers, and a worker with nothing left exits at once.
 # Several workers may share a GPU: keep their CPU threads within the task's CPUs.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
 hunt=(
     "${on_each_task[@]}"
-    orion hunt -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir"
+    python orion_tools.py hunt -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir"
     python main.py --checkpoint-dir '{trial.working_dir}' "$@"
     --learning-rate~'loguniform(1e-5, 1.0)'
 )

@@ -100,3 +100,70 @@ def test_command_line_reclaim_without_the_experiment_exits_0(database, tmp_path)
 def test_reclaim_without_the_experiment_says_so(database, tmp_path, capsys):
     reclaim(database, tmp_path)
     assert "No experiment exp" in capsys.readouterr().out
+
+
+# --- hunt: an exact budget -------------------------------------------------------------------
+
+STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
+
+
+def start_workers(tmp_path, n_workers: int, budget: int, trial_seconds: float) -> list:
+    """`n_workers` concurrent `orion_tools.py hunt` workers on one PickledDB, running the stand-in trial."""
+    config = tmp_path / "orion-config.yml"
+    config.write_text(
+        f"experiment:\n  algorithm:\n    random:\n      seed: 1\n  max_trials: {budget}\n"
+        # Oríon's LazyWorkers wait, far beyond this test: a spare worker must not need it.
+        "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n"
+    )
+    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl")
+    command = [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", "budget", "--config", str(config),
+               sys.executable, str(STANDIN_TRIAL), "--sleep", str(trial_seconds),
+               "--learning-rate~loguniform(1e-5, 1.0)"]
+    return [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(n_workers)]
+
+
+def wait_for_workers(workers) -> list[tuple[int, float]]:
+    """Each worker's (exit code, wall time when it was seen to exit)."""
+    ended = {}
+    deadline = time.time() + 500
+    while len(ended) < len(workers) and time.time() < deadline:
+        for i, worker in enumerate(workers):
+            if i not in ended and worker.poll() is not None:
+                ended[i] = (worker.returncode, time.time())
+        time.sleep(0.2)
+    return [ended.get(i, (None, None)) for i in range(len(workers))]
+
+
+def trials_of(tmp_path) -> list:
+    return get_experiment("budget", storage=orion_tools.storage(str(tmp_path / "orion_db.pkl"))).fetch_trials()
+
+
+@pytest.fixture(scope="module")
+def more_workers_than_budget(tmp_path_factory):
+    """5 workers, a budget of 3 trials of 20 s each."""
+    tmp_path = tmp_path_factory.mktemp("budget-3")
+    ended = wait_for_workers(start_workers(tmp_path, n_workers=5, budget=3, trial_seconds=20))
+    return ended, trials_of(tmp_path)
+
+
+def test_more_workers_than_budget_run_exactly_the_budget(more_workers_than_budget):
+    _, trials = more_workers_than_budget
+    assert [t.status for t in trials] == ["completed"] * 3
+
+
+def test_every_worker_exits_0(more_workers_than_budget):
+    ended, _ = more_workers_than_budget
+    assert [code for code, _ in ended] == [0] * 5
+
+
+def test_spare_workers_exit_before_the_trials_end(more_workers_than_budget):
+    ended, trials = more_workers_than_budget
+    first_trial_end = min(t.end_time for t in trials).replace(tzinfo=datetime.timezone.utc).timestamp()
+    exit_times = sorted(seen for _, seen in ended)
+    assert exit_times[1] < first_trial_end  # Not Oríon's LazyWorkers wait (here 600 s).
+
+
+def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
+    wait_for_workers(start_workers(tmp_path, n_workers=2, budget=7, trial_seconds=0))
+    assert [t.status for t in trials_of(tmp_path)] == ["completed"] * 7

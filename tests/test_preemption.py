@@ -215,7 +215,7 @@ def checkpoints(job_env) -> list[Path]:
 def test_requeued_array_resumes_its_trials(slurm_env, job_env, tmp_path):
     sbatch, job_id = submit_in_background(
         slurm_env, job_env, tmp_path, "--array=0-1", "job.sh", *JOB_ARGS,
-        ORION_MAX_TRIALS=2, ORION_WORKER_MAX_TRIALS=1,
+        ORION_MAX_TRIALS=2,
     )
     wait_for(lambda: len(checkpoints(job_env)) == 2, 600, "both trials' first checkpoint", sbatch)
     requeue = subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, capture_output=True, text=True)
