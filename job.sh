@@ -63,7 +63,18 @@ export CIFAR10_ARCHIVE="${CIFAR10_ARCHIVE:-/network/datasets/cifar10/cifar-10-py
 export CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz}"
 export CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
 ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
-ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-10}"
+# The search's defaults follow from how many workers start together (the tasks of this job
+# times the jobs of the array): a budget of 5 trials per worker, and TPE's random start at
+# least as long as one trial per worker. Why: README, "The search".
+concurrent_workers=$(( ${SLURM_NTASKS:-1} * ${SLURM_ARRAY_TASK_COUNT:-1} ))
+ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-$(( 5 * concurrent_workers ))}"
+TPE_N_INITIAL_POINTS="${TPE_N_INITIAL_POINTS:-$(( concurrent_workers > 5 ? concurrent_workers : 5 ))}"
+ALGORITHM="${ALGORITHM:-tpe}"
+if ! [[ "$ORION_MAX_TRIALS" =~ ^[1-9][0-9]*$ && "$TPE_N_INITIAL_POINTS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: ORION_MAX_TRIALS=$ORION_MAX_TRIALS and TPE_N_INITIAL_POINTS=$TPE_N_INITIAL_POINTS" \
+        "must be positive integers, e.g. export ORION_MAX_TRIALS=50" >&2
+    exit 1
+fi
 # The database and the trials of every search with this script. Named after the example,
 # not after $ORION_EXPERIMENT: the experiments share the one database.
 search_dir="$SCRATCH/orion-example"
@@ -125,13 +136,48 @@ if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
 fi
 
 # --- 4. Configure Oríon ------------------------------------------------------------------
+# The search space: one prior per hyperparameter of main.py (README, "Make it yours").
+priors=(
+    --learning-rate~'loguniform(1e-5, 1.0)'
+    --weight-decay~'loguniform(1e-6, 1e-1)'
+)
+for argument in "$@"; do
+    for prior in "${priors[@]}"; do
+        if [[ "$argument" == "${prior%%~*}" || "$argument" == "${prior%%~*}="* ]]; then
+            echo "error: Oríon searches ${prior%%~*}: remove it from the arguments after job.sh," \
+                "or change its prior in job.sh, step 4" >&2
+            exit 1
+        fi
+    done
+done
+# A typo in main.py's arguments would break every trial, one after the other, until the
+# experiment is broken for good: check them once, here.
+if ! python -c 'import sys, main; sys.argv[0] = "main.py"; main.parse_args()' "$@"; then
+    echo "error: main.py refuses the arguments after job.sh (see above): correct them and submit again" >&2
+    exit 2
+fi
+case "$ALGORITHM" in
+    tpe)
+        # TPE draws its first n_initial_points trials at random; keep it at least the number
+        # of workers that start together, or trials are drawn before the model has any data.
+        algorithm="tpe: {seed: null, n_initial_points: $TPE_N_INITIAL_POINTS}" ;;
+    asha)
+        # Multi-fidelity: --epochs is the fidelity. Rungs of 2, 4 and 8 epochs (reduction
+        # factor 2): shorter first rungs mis-rank configurations (README, "The search"). A
+        # promoted trial starts in a copy of its lower rung's folder and resumes its checkpoint.
+        algorithm="asha: {seed: null, num_brackets: 1}"
+        priors+=(--epochs~'fidelity(2, 8, base=2)') ;;
+    random)
+        algorithm="random: {seed: null}" ;;
+    *)
+        echo "error: ALGORITHM=$ALGORITHM: use tpe (the default), asha or random" >&2
+        exit 1 ;;
+esac
 orion_config="$SLURM_TMPDIR/orion-config.yml"
 cat > "$orion_config" <<EOF
 experiment:
     algorithm:
-        tpe:
-            seed: null
-            n_initial_points: 5
+        $algorithm
     max_trials: $ORION_MAX_TRIALS
     max_broken: 10
 worker:
@@ -167,8 +213,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
 hunt=(
     "${on_each_task[@]}"
     python orion_tools.py hunt -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir"
-    python main.py --checkpoint-dir '{trial.working_dir}' "$@"
-    --learning-rate~'loguniform(1e-5, 1.0)'
+    python main.py --checkpoint-dir '{trial.working_dir}' "$@" "${priors[@]}"
 )
 # In the background, so that this script takes signals while they run (step 6). The output
 # also goes to a file, to count this job's broken trials (step 7).
@@ -206,14 +251,26 @@ fi
 # --- 7. Verdict --------------------------------------------------------------------------
 # `orion hunt` exits 0 even when every trial broke: count Oríon's per-trial error lines.
 broken_trials=$(grep -c "::ERROR::orion.client.runner::" "$hunt_log" || true)
+verdict=$hunt_status
 if (( broken_trials > 0 )); then
     echo "error: $broken_trials trial(s) of this job broke; their logs are in $trials_dir/<trial id>/train.log" >&2
-    exit 1
-fi
+    verdict=1
 # A worker that finds no trial to run for a minute (the others hold the last ones) stops
 # with `LazyWorkers`: its job is done, not failed.
-if (( hunt_status != 0 )) && grep -q "LazyWorkers" "$hunt_log"; then
+elif (( hunt_status != 0 )) && grep -q "LazyWorkers" "$hunt_log"; then
     echo "No trial left for this worker: done."
-    hunt_status=0
+    verdict=0
 fi
-exit "$hunt_status"
+# The output ends with what this job did (main.py logs one "Objective" line per trial it
+# finishes) and where the search stands. The job that completes the search writes the
+# report (plots and summary.txt) beside the database; `orion_tools.py report` makes it on
+# demand. A report that fails or hangs (kaleido's Chromium) fails no job.
+trials_run=$(grep -c "Objective (1 - validation accuracy)" "$hunt_log" || true)
+echo "This job ran $trials_run trial(s) of experiment $ORION_EXPERIMENT."
+if ! timeout 600 python orion_tools.py report --if-done --experiment "$ORION_EXPERIMENT" \
+        --database "$ORION_DB_ADDRESS" --trials-dir "$trials_dir"; then
+    echo "warning: the search's report failed; make it again with: ORION_DB_ADDRESS=$ORION_DB_ADDRESS" \
+        "uv run python orion_tools.py report --experiment $ORION_EXPERIMENT --trials-dir $trials_dir" >&2
+    python orion_tools.py summary --experiment "$ORION_EXPERIMENT" --database "$ORION_DB_ADDRESS" || true
+fi
+exit "$verdict"

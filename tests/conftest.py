@@ -118,27 +118,47 @@ def read_trials(database: Path, experiment: str | None = None) -> list[dict]:
 # --- Submitting job.sh ------------------------------------------------------------------
 
 
+def make_job_env(folder: Path, images_per_batch: int = 100) -> dict:
+    """What a user has: $SCRATCH, a home for Oríon's global config, the staged archive."""
+    write_cifar10_archive(folder / "datasets", images_per_batch=images_per_batch)
+    return dict(
+        SCRATCH=folder / "scratch",
+        XDG_CONFIG_HOME=folder / "config",
+        CIFAR10_ARCHIVE=folder / "datasets" / "cifar-10-python.tar.gz",
+    )
+
+
 @pytest.fixture
 def job_env(tmp_path):
-    """What a user has: $SCRATCH, a home for Oríon's global config, the staged archive."""
-    write_cifar10_archive(tmp_path / "datasets", images_per_batch=100)
-    return dict(
-        SCRATCH=tmp_path / "scratch",
-        XDG_CONFIG_HOME=tmp_path / "config",
-        CIFAR10_ARCHIVE=tmp_path / "datasets" / "cifar-10-python.tar.gz",
-    )
+    return make_job_env(tmp_path)
 
 
 def database(env) -> str:
     return f"{env['SCRATCH']}/orion-example/orion_db.pkl"
 
 
+def job_environment(job_env: dict, base: dict | None = None, **extra_env) -> dict:
+    """The environment to run job.sh with: `base` (default: a clean one), the user's settings, `extra_env`."""
+    return {**(base if base is not None else clean_env()), **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
+
+
+def trials_dir(job_env: dict) -> Path:
+    """Where job.sh keeps the trials' folders of the default experiment."""
+    return Path(job_env["SCRATCH"]) / "orion-example" / "orion-example"
+
+
+def submit(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env) -> subprocess.Popen:
+    """`sbatch --wait ARGS` in the background, output files in `tmp_path`; its first line names the job."""
+    return subprocess.Popen(
+        ["timeout", str(timeout), "sbatch", "--wait", f"--output={tmp_path}/slurm-%A_%a.out", *map(str, args)],
+        env=job_environment(job_env, slurm_env, **extra_env), cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
 def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
     """Submits job.sh with `sbatch --wait`; returns (exit code, the jobs' output files' text)."""
-    env = {**slurm_env, **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
-    result = subprocess.run(
-        ["timeout", str(timeout), "sbatch", "--wait", f"--output={tmp_path}/slurm-%A_%a.out", *args],
-        env=env, cwd=REPO_ROOT, capture_output=True, text=True,
-    )
+    sbatch = submit(slurm_env, job_env, tmp_path, *args, timeout=timeout, **extra_env)
+    _, stderr = sbatch.communicate()
     outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
-    return result.returncode, result.stderr + outputs
+    return sbatch.returncode, stderr + outputs

@@ -5,25 +5,13 @@ import re
 import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from cifar10_lookalike import write_cifar10_archive
-from conftest import REPO_ROOT, clean_env, database, read_trials, sbatch_wait
-
-README = REPO_ROOT / "README.md"
-
-
-def readme_commands(program: str) -> list[str]:
-    """The `program ...` lines of the README's code blocks, without trailing comments."""
-    commands, in_code = [], False
-    for line in README.read_text().splitlines():
-        if line.startswith("```"):
-            in_code = not in_code
-        elif in_code and line.strip().removeprefix("$ ").startswith(program + " "):
-            commands.append(line.strip().removeprefix("$ ").split(" #")[0].strip())
-    return commands
-
+from conftest import (REPO_ROOT, database, job_environment, make_job_env, read_metrics, read_trials,
+                      readme_commands, sbatch_wait, trials_dir)
 
 # --- On a real Slurm ---------------------------------------------------------------------
 
@@ -45,17 +33,16 @@ def test_array_job_runs_the_search_and_readme_commands_show_it(slurm_env, job_en
                                ORION_MAX_TRIALS=3)
     assert code == 0, output
     trials = read_trials(database(job_env), "orion-example")
-    statuses = [t["status"] for t in trials]
-    assert statuses.count("completed") >= 3 and "broken" not in statuses, statuses
-    params = [tuple(p["value"] for p in t["params"]) for t in trials]
-    assert len(set(params)) == len(params)  # No trial run twice.
-    # Each trial's own log, in its persistent working directory in $SCRATCH.
-    logs = list((job_env["SCRATCH"] / "orion-example" / "orion-example").glob("*/train.log"))
-    assert len(logs) == len(trials) and all("Epoch 0: Val loss" in log.read_text() for log in logs)
+    assert [t["status"] for t in trials] == ["completed"] * 3
+    # Each trial's own log, in its persistent working directory in $SCRATCH: one run of
+    # main.py each (a trial run twice, even at once, would log twice), one epoch each.
+    logs = [log.read_text() for log in trials_dir(job_env).glob("*/train.log")]
+    assert [log.count("Args: ") for log in logs] == [1, 1, 1]
+    assert [log.count("Epoch 0: Val loss") for log in logs] == [1, 1, 1]
 
     # The README's result commands, as written, from the repo root: they find the database
     # through the global Oríon config that job.sh wrote.
-    env = {**clean_env(), **{k: str(v) for k, v in job_env.items()}}
+    env = job_environment(job_env)
     for command in readme_commands("uv run orion"):
         result = subprocess.run(shlex.split(command), env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=300)
@@ -84,6 +71,55 @@ def test_five_workers_share_one_gpu_concurrently(slurm_env, job_env, tmp_path):
     assert max(t["start_time"] for t in first_five) < min(t["end_time"] for t in first_five)
 
 
+@pytest.fixture(scope="module")
+def asha_search(slurm_env, tmp_path_factory):
+    """An ASHA search of 8 trials by two workers (--epochs is the fidelity: rungs of 2, 4, 8)."""
+    tmp_path = tmp_path_factory.mktemp("asha")
+    job_env = make_job_env(tmp_path, images_per_batch=20)
+    code, output = sbatch_wait(slurm_env, job_env, tmp_path, "--array=1-2", "job.sh", "--batch-size", "32",
+                               ALGORITHM="asha", ORION_MAX_TRIALS=8)
+    assert code == 0, output
+    trials = read_trials(database(job_env), "orion-example")
+    folder = trials_dir(job_env)
+    return trials, {t["_id"]: read_metrics(folder / t["_id"]) for t in trials}, folder
+
+
+def epochs_of(trial) -> int:
+    return next(p["value"] for p in trial["params"] if p["name"] == "/epochs")
+
+
+def test_asha_runs_its_budget(asha_search):
+    trials, _, _ = asha_search
+    assert [t["status"] for t in trials] == ["completed"] * 8
+
+
+def test_asha_promotions_resume_from_the_lower_rung(asha_search):
+    trials, _, folder = asha_search
+    promoted = [t for t in trials if t["parent"] is not None]
+    assert promoted, "ASHA promoted no trial"
+    for trial in promoted:
+        parent = next(t for t in trials if t["_id"] == trial["parent"])
+        resumed = f"Resuming training at epoch {epochs_of(parent)}"
+        assert resumed in (folder / trial["_id"] / "train.log").read_text()
+
+
+def test_asha_trains_fewer_epochs_than_without_reuse(asha_search):
+    trials, metrics, _ = asha_search
+    # A promoted trial's folder starts as a copy of its parent's: the same records, once trained.
+    trained = {record["end_time"] for records in metrics.values() for record in records}
+    assert len(trained) < sum(epochs_of(t) for t in trials)
+
+
+def test_asha_trains_no_epoch_of_a_configuration_twice(asha_search):
+    trials, metrics, _ = asha_search
+    configuration = {t["_id"]: tuple(p["value"] for p in t["params"] if p["name"] != "/epochs") for t in trials}
+    runs_of_epoch = {}  # (configuration, epoch) -> when it was trained
+    for trial in trials:
+        for record in metrics[trial["_id"]]:
+            runs_of_epoch.setdefault((configuration[trial["_id"]], record["epoch"]), set()).add(record["end_time"])
+    assert [key for key, runs in runs_of_epoch.items() if len(runs) > 1] == []
+
+
 def test_job_whose_trials_break_fails(slurm_env, job_env, tmp_path):
     code, output = sbatch_wait(slurm_env, job_env, tmp_path, "job.sh", "--epochs", "1",
                                "--data-dir", tmp_path / "nowhere", ORION_MAX_TRIALS=1)
@@ -97,7 +133,7 @@ def test_job_whose_trials_break_fails(slurm_env, job_env, tmp_path):
 
 
 def bash_job(job_env, *args, timeout=600, **extra_env):
-    env = clean_env(**{**job_env, **extra_env})
+    env = job_environment(job_env, **extra_env)
     return subprocess.run(["bash", "job.sh", *map(str, args)], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
@@ -134,3 +170,22 @@ def test_job_sh_is_shellcheck_clean():
     result = subprocess.run(["shellcheck", "job.sh", "tests/slurm/cluster.sh"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_unknown_main_py_argument_is_refused_before_any_trial(job_env):
+    result = bash_job(job_env, "--fooo", "1")
+    assert result.returncode == 2
+    assert "main.py: error: unrecognized arguments: --fooo 1" in result.stderr
+    assert not Path(database(job_env)).exists()  # No trial, no experiment.
+
+
+def test_searched_argument_after_job_sh_is_refused(job_env):
+    result = bash_job(job_env, "--learning-rate", "0.1")
+    assert result.returncode == 1
+    assert "error: Oríon searches --learning-rate" in result.stderr
+
+
+def test_budget_that_is_not_a_number_is_refused(job_env):
+    result = bash_job(job_env, ORION_MAX_TRIALS="ten")
+    assert result.returncode == 1
+    assert "ORION_MAX_TRIALS=ten" in result.stderr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, database, read_metrics, read_trials,
-                      run_main)
+                      run_main, submit, trials_dir)
 # 450 training images in batches of 32: 15 steps per epoch, a few seconds on this CPU.
 TRAIN_ARGS = ["--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3"]
 
@@ -195,21 +195,16 @@ JOB_ARGS = ["--epochs", "2", "--batch-size", "32"]  # job.sh searches the learni
 
 def submit_in_background(slurm_env, job_env, tmp_path, *args, **extra_env):
     """`sbatch --wait` in the background; returns (the Popen, the job id)."""
-    env = {**slurm_env, **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
-    sbatch = subprocess.Popen(
-        ["timeout", "900", "sbatch", "--wait", f"--output={tmp_path}/slurm-%A_%a.out", *args],
-        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    job_id = sbatch.stdout.readline().split()[-1]  # "Submitted batch job N"
-    return sbatch, job_id
+    sbatch = submit(slurm_env, job_env, tmp_path, *args, **extra_env)
+    return sbatch, sbatch.stdout.readline().split()[-1]  # "Submitted batch job N"
 
 
 def trial_logs(job_env) -> list[str]:
-    return [p.read_text() for p in (Path(job_env["SCRATCH"]) / "orion-example" / "orion-example").glob("*/train.log")]
+    return [p.read_text() for p in trials_dir(job_env).glob("*/train.log")]
 
 
 def checkpoints(job_env) -> list[Path]:
-    return list((Path(job_env["SCRATCH"]) / "orion-example" / "orion-example").glob("*/checkpoint.pt"))
+    return list(trials_dir(job_env).glob("*/checkpoint.pt"))
 
 
 def test_requeued_array_resumes_its_trials(slurm_env, job_env, tmp_path):
