@@ -702,7 +702,7 @@ def end_epoch(state: TrainingState, data: Data, args, hardware: Hardware, val_lo
         "trained_images": trained_images,
         "train_images": len(data.train_images),
         "valid_images": len(data.valid_images),
-        "ready_seconds": ready_seconds,  # This process's start -> its first training step.
+        "ready_seconds": ready_seconds,  # main() started (after the imports) -> first training step.
         "seconds_since_start": time.perf_counter() - started,  # Of this process.
         "device": hardware.device.type,
         "peak_host_gib": peak_host_gib,

@@ -1,7 +1,9 @@
-"""Shared by the benchmarks: generated data, timed subprocesses, parsing the logs, tables.
+"""Shared by the benchmarks: generated data, trial subprocesses and their metrics, tables.
 
-Nothing here imports torch: the benchmarks that only run main.py and upstream_main.py as
-subprocesses don't pay torch's import time (6-15 s on a small CPU machine) themselves.
+A trial (main.py or upstream_main.py) runs as a subprocess with `--checkpoint-dir FOLDER`;
+what it measured is read from FOLDER/metrics.jsonl (one JSON line per epoch, main.py's
+format, which upstream_main.py writes too), never from its log. Nothing here imports torch:
+the benchmarks that only run subprocesses don't pay torch's import time themselves.
 """
 
 import argparse
@@ -10,18 +12,17 @@ import functools
 import glob
 import importlib.metadata
 import importlib.util
+import json
 import math
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
@@ -39,11 +40,6 @@ FULL_IMAGES_PER_BATCH = 10_000
 DEFAULT_DATA_ROOT = Path(os.environ.get("BENCHMARK_DATA_ROOT", Path(tempfile.gettempdir()) / "orion-example-benchmark-data"))
 
 
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
-
 def argument_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny data, one repetition: proves the benchmark runs")
@@ -53,6 +49,8 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
         "or $BENCHMARK_DATA_ROOT)",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each trial subprocess")
+    parser.add_argument("--cpu", action="store_true",
+                        help="without a GPU, run the GPU-only parts on the CPU anyway (to test the script)")
     return parser
 
 
@@ -61,16 +59,11 @@ def images_per_batch_for(train_images: int) -> int:
     return max(2, math.ceil(train_images / 4.5))
 
 
-# --------------------------------------------------------------------------------------
-# Data: CIFAR-10's official python format, generated once per size and cached
-# --------------------------------------------------------------------------------------
-
-
 def ensure_data(data_root: Path, images_per_batch: int) -> Path:
     """Returns a --data-dir holding a generated CIFAR-10 look-alike (`images_per_batch` per file).
 
-    Generated once and reused (the 45,000-image set takes ~10-20 s to write); written to a
-    temporary folder and renamed, so concurrent benchmarks never read half a data set.
+    Generated once and reused; written to a temporary folder and renamed, so concurrent
+    benchmarks never read half a data set.
     """
     from cifar10_lookalike import write_cifar10_lookalike
 
@@ -95,7 +88,7 @@ def ensure_data(data_root: Path, images_per_batch: int) -> Path:
 
 
 # --------------------------------------------------------------------------------------
-# Subprocesses whose output lines are timestamped as they arrive
+# Trials: a subprocess, its metrics.jsonl, its results file
 # --------------------------------------------------------------------------------------
 
 
@@ -107,178 +100,107 @@ def child_env(**overrides) -> dict:
     return env
 
 
-@dataclass
-class Record:
-    """One log record (a rich log line and its wrapped continuation lines, joined)."""
-
-    seconds: float  # When its first line arrived, since the process was started.
-    text: str
-
-
-@dataclass
-class Run:
-    command: list
-    returncode: int
-    exit_seconds: float  # Since the process was started.
-    lines: list = field(default_factory=list)  # (seconds, line)
-    wall_start: float = 0.0  # time.time() when it was started, to place file times (st_mtime).
-
-    def seconds_of_file_write(self, path: Path) -> float | None:
-        """When `path` was last written, in seconds since the process was started."""
-        path = Path(path)
-        return path.stat().st_mtime - self.wall_start if path.exists() and path.stat().st_size else None
-
-    @property
-    def output(self) -> str:
-        return "\n".join(line for _, line in self.lines)
-
-    @property
-    def records(self) -> list:
-        return log_records(self.lines)
-
-    def find(self, pattern: str) -> list:
-        """[(seconds, match)] for every record matching `pattern`."""
-        regex = re.compile(pattern)
-        return [(r.seconds, m) for r in self.records if (m := regex.search(r.text))]
-
-    def first(self, pattern: str):
-        found = self.find(pattern)
-        return found[0] if found else (None, None)
-
-    def last(self, pattern: str):
-        found = self.find(pattern)
-        return found[-1] if found else (None, None)
-
-    def check(self, what: str) -> "Run":
-        if self.returncode != 0:
-            tail = "\n".join(line for _, line in self.lines[-30:])
-            raise SystemExit(f"{what} failed with exit code {self.returncode}: {' '.join(self.command)}\n{tail}")
-        return self
-
-
-class TimedProcess:
-    """Starts `command` now; a thread timestamps each output line (stdout and stderr) as it arrives."""
-
-    def __init__(self, command, env=None, timeout=None, cwd=REPO_ROOT):
-        self.command = [str(c) for c in command]
-        self.lines = []
-        self.wall_start = time.time()
-        self.start = time.perf_counter()
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, errors="replace", bufsize=1, env=env if env is not None else child_env(), cwd=cwd,
-        )
-        self.timer = threading.Timer(timeout, self.process.kill) if timeout else None
-        if self.timer:
-            self.timer.start()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self):
-        for line in self.process.stdout:
-            self.lines.append((time.perf_counter() - self.start, line.rstrip("\n")))
-
-    def wait(self) -> Run:
-        returncode = self.process.wait()
-        exit_seconds = time.perf_counter() - self.start
-        self.reader.join()
-        if self.timer:
-            self.timer.cancel()
-        return Run(self.command, returncode, exit_seconds, self.lines, self.wall_start)
-
-
-def run_timed(command, env=None, timeout=None) -> Run:
-    return TimedProcess(command, env=env, timeout=timeout).wait()
-
-
-# `rich` (main.py's and upstream's logging) wraps long messages at the console's width and
-# prints the time, level and source file around them: join the pieces back into one text.
-_LEVEL = re.compile(r"^(?:\[[^\]]*\]\s+)?(?:DEBUG|INFO|WARNING|ERROR|CRITICAL)\s+")
-_RICH_SOURCE = re.compile(r"\s+[\w.-]+\.py:\d+\s*$")
-
-
-def log_records(lines) -> list:
-    records, in_rich_record = [], False
-    for seconds, line in lines:
-        stripped = line.strip()
-        level = _LEVEL.match(stripped)
-        if level:
-            records.append(Record(seconds, _RICH_SOURCE.sub("", stripped[level.end():]).strip()))
-            in_rich_record = True
-        elif in_rich_record and line[:1].isspace() and stripped:
-            records[-1].text += " " + _RICH_SOURCE.sub("", stripped).strip()
-        else:
-            records.append(Record(seconds, stripped))
-            in_rich_record = False
-    return records
-
-
-# The lines main.py logs (upstream_main.py logs the same ones, see its docstring).
-TRAINING_ON = r"Training on (\w+): (\d+) training and (\d+) validation images.*ready after ([\d.]+) s"
-EPOCH_TRAINED = r"Epoch (\d+) trained in ([\d.]+) s \((\d+) images/s\), validated in ([\d.]+) s"
-EPOCH_VALIDATED = r"Epoch (\d+): Val loss: (\S+) accuracy: ([\d.]+)%"
-PEAK_MEMORY = r"Peak memory: host ([\d.]+) GiB, GPU ([\d.]+) GiB"
-WORKER_MEMORY = r"Peak memory of one DataLoader worker: host ([\d.]+) GiB"
-
-
-@dataclass
-class Trial:
-    """What a main.py or upstream_main.py run logged, with the arrival times of its lines."""
-
-    run: Run
-    device: str
-    train_images: int
-    ready_seconds: float  # Process start -> the "ready" line (just before the first training step).
-    epochs: list  # [(train seconds, images/s, validation seconds, arrival seconds of the line)]
-    accuracy: float
-    peak_host_gib: float
-    peak_gpu_gib: float
-    worker_peak_host_gib: float | None
-
-    @property
-    def last_epoch_to_exit(self) -> float:
-        """The last epoch's log line -> process exit: reporting the result and shutting down."""
-        return self.run.exit_seconds - self.epochs[-1][3]
-
-
-def parse_trial(run: Run, what: str) -> Trial:
-    run.check(what)
-    ready_at, ready = run.first(TRAINING_ON)
-    epochs = [(float(m[2]), float(m[3]), float(m[4]), t) for t, m in run.find(EPOCH_TRAINED)]
-    _, validated = run.last(EPOCH_VALIDATED)
-    _, peak = run.last(PEAK_MEMORY)
-    _, worker = run.last(WORKER_MEMORY)
-    if not (ready and epochs and validated and peak):
-        raise SystemExit(f"{what}: expected lines are missing from its output:\n{run.output[-3000:]}")
-    return Trial(
-        run=run, device=ready[1], train_images=int(ready[2]), ready_seconds=ready_at, epochs=epochs,
-        accuracy=float(validated[3]) / 100, peak_host_gib=float(peak[1]), peak_gpu_gib=float(peak[2]),
-        worker_peak_host_gib=float(worker[1]) if worker else None,
-    )
-
-
 def main_command(data_dir: Path, epochs: int, *extra) -> list:
     return [sys.executable, MAIN_PY, "--data-dir", data_dir, "--epochs", epochs, *extra]
 
 
 def upstream_command(data_dir: Path, epochs: int, *extra) -> list:
-    if not orion_installed():
+    if not orion_installed() and "--no-orion" not in extra:
         extra = ("--no-orion", *extra)
     return [sys.executable, UPSTREAM_MAIN_PY, "--data-dir", data_dir, "--epochs", epochs, *extra]
 
 
-def results_file(folder: Path, name: str) -> Path:
-    """An empty $ORION_RESULTS_PATH file, as Oríon creates it (orion.client refuses a missing one)."""
-    path = Path(folder) / f"{name}.json"
-    path.write_text("")
-    return path
+# Every line of metrics.jsonl holds these (main.py's record; upstream_main.py writes the same).
+METRICS_KEYS = [
+    "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "val_seconds", "images_per_second",
+    "trained_images", "train_images", "valid_images", "ready_seconds", "seconds_since_start", "device",
+    "peak_host_gib", "peak_gpu_gib", "diverged", "end_time",
+]
 
 
-def read_objective(path: Path) -> float:
-    import json
+@dataclass
+class Trial:
+    """One trial process run as Oríon runs it: $ORION_RESULTS_PATH set to an empty file, and
+    `--checkpoint-dir folder`, where it writes metrics.jsonl (its output goes to folder/output.txt).
 
-    results = json.loads(Path(path).read_text())
-    return next(r["value"] for r in results if r["type"] == "objective")
+    Times are wall-clock (time.time()), so that they compare with metrics.jsonl's `end_time`
+    and the results file's mtime; `started` is taken just before the process is started.
+    """
+
+    name: str
+    command: list
+    folder: Path
+    process: subprocess.Popen
+    started: float
+    ended: float | None = None  # When it exited.
+    epochs: list | None = None  # metrics.jsonl's records.
+    result_wall: float | None = None  # When the objective was written (the results file's mtime), if it was.
+    objective: float | None = None
+
+    @classmethod
+    def start(cls, name: str, command: list, folder: Path, **env) -> "Trial":
+        folder = Path(folder)
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text("")  # Oríon creates it empty; orion.client refuses a missing one.
+        command = [str(c) for c in command] + ["--checkpoint-dir", str(folder)]
+        with open(folder / "output.txt", "w") as output:
+            started = time.time()
+            process = subprocess.Popen(
+                command, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
+                env=child_env(ORION_RESULTS_PATH=folder / "results.json", **env),
+            )
+        return cls(name, command, folder, process, started)
+
+    def wait(self, timeout: float | None = None) -> "Trial":
+        """Waits for the exit (killing it after `timeout` s), then reads metrics.jsonl; exits on failure."""
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.ended = time.time()
+        metrics = self.folder / "metrics.jsonl"
+        self.epochs = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if self.process.returncode != 0 or not self.epochs:
+            tail = "\n".join((self.folder / "output.txt").read_text(errors="replace").splitlines()[-30:])
+            raise SystemExit(f"{self.name}: exit code {self.process.returncode}, {len(self.epochs)} epoch(s) in "
+                             f"{metrics}: {' '.join(self.command)}\n{tail}")
+        missing = [key for key in METRICS_KEYS if any(key not in e for e in self.epochs)]
+        if missing:
+            raise SystemExit(f"{self.name}: metrics.jsonl lacks {missing}: {' '.join(self.command)}")
+        results = self.folder / "results.json"
+        if results.stat().st_size:
+            self.result_wall = results.stat().st_mtime
+            self.objective = next(r["value"] for r in json.loads(results.read_text()) if r["type"] == "objective")
+        return self
+
+    @property
+    def last(self) -> dict:
+        return self.epochs[-1]
+
+    @property
+    def first_step_wall(self) -> float:
+        """time.time() of the first training step. `ready_seconds` counts from the start of the
+        script's main(), after its imports: main()'s start is placed from `seconds_since_start`."""
+        first = self.epochs[0]
+        return first["end_time"] - first["seconds_since_start"] + first["ready_seconds"]
+
+    @property
+    def start_to_first_step(self) -> float:
+        return self.first_step_wall - self.started
+
+    @property
+    def start_to_objective(self) -> float | None:
+        return self.result_wall - self.started if self.result_wall else None
+
+    @property
+    def train_seconds(self) -> list:
+        return [e["train_seconds"] for e in self.epochs]
+
+
+def run_trial(name: str, command: list, folder: Path, timeout: float | None = None, **env) -> Trial:
+    print(f"running {name}: {' '.join(map(str, command[1:]))}", flush=True)
+    return Trial.start(name, command, folder, **env).wait(timeout)
 
 
 # --------------------------------------------------------------------------------------
@@ -308,15 +230,6 @@ def cpu_model() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def has_gpu_or_cpu_override(benchmark: str, cpu: bool) -> bool:
-    """Whether a GPU-only benchmark should run: there is a GPU, or --cpu asked to test the script."""
-    if gpu_names():
-        return True
-    print(f"{benchmark}: no GPU found (nvidia-smi lists none): this benchmark needs a GPU"
-          + ("; running on the CPU (--cpu) only to prove the script works" if cpu else "; skipped"), flush=True)
-    return cpu
-
-
 def gpu_names() -> tuple:
     """The NVIDIA GPUs here (empty where there is none), without importing torch in this process.
 
@@ -333,6 +246,15 @@ def gpu_names() -> tuple:
     except (OSError, subprocess.TimeoutExpired):
         return ()
     return tuple(line.strip() for line in result.stdout.splitlines() if line.strip()) if result.returncode == 0 else ()
+
+
+def has_gpu_or_cpu_override(benchmark: str, cpu: bool) -> bool:
+    """Whether a GPU-only benchmark should run: there is a GPU, or --cpu asked to test the script."""
+    if gpu_names():
+        return True
+    print(f"{benchmark}: no GPU found (nvidia-smi lists none): this benchmark needs a GPU"
+          + ("; running on the CPU (--cpu) only to prove the script works" if cpu else "; skipped"), flush=True)
+    return cpu
 
 
 def package_version(name: str) -> str:
@@ -372,6 +294,11 @@ def fmt(value, digits: int = 2) -> str:
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     return str(value)
+
+
+def ratio(numerator, denominator) -> str:
+    """'3.2x', or '-' where either is missing."""
+    return f"{numerator / denominator:.1f}x" if numerator is not None and denominator else "-"
 
 
 def print_table(title: str, columns: list, rows: list, notes: list = ()) -> str:

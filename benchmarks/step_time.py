@@ -1,24 +1,30 @@
-"""Step time: where one training step's time goes, and what cuDNN's autotuner costs per new shape.
+"""Step time: milliseconds per training step of the step main.py ships, eager against CUDA graph.
 
-One process, one fresh ResNet18 per variant, random uint8 batches already on the device and
-main.py's `normalize`, then main.py's step (bf16 autocast, channels_last, AdamW) or upstream's
-compute (float32, contiguous), with `torch.backends.cudnn.benchmark` off or on (main.py turns
-it on), at batch 128 and 512. For each variant: the first step at each batch size (cuDNN
-autotunes a shape it has not seen before, when benchmark is on) and the steady-state time
-per step (mean of --steps steps after 5 warm-up steps). The variants run in this order in one
-process: a shape already seen by an earlier variant is not autotuned again.
+One process; for each variant a fresh model and optimizer from `main.build_model_and_optimizer`
+and the step from `main.make_train_step` (bf16 autocast, channels_last, fused AdamW, no
+cudnn.benchmark), fed as main.py's epoch loop feeds it: batches indexed from uint8 images
+already on the device, the returned loss added to a sum on the device. Variants: eager and
+`--cuda-graph` at batch 128 and 512; `--compile reduce-overhead` (from an empty compile
+cache); and upstream's compute as a reference: float32, contiguous, plain AdamW, through
+`main.train_step` (upstream_main.py has no step function to import: its step is written
+inline in its epoch loop; its three `.item()` per step and its DataLoader are not timed
+here, see epoch_time.py for the whole of it).
 
-If batch 512 takes about as long per step as batch 128, the step is bound by launching
-kernels from Python, not by the GPU's arithmetic: precision and memory format then change
-nothing, and only fewer launches (CUDA graphs, torch.compile) or more work per launch (larger
-batches, several trials per GPU) go faster.
+For each variant: the first --warmup steps, timed together (the graph's eager steps and
+capture, compilation), then the steady state (mean of --steps steps). If batch 512 takes
+about as long per step as batch 128, the step is bound by launching kernels from Python.
 
-Needs a GPU: without one it says so and exits 0, unless --cpu (tiny, to test the script).
+Needs a GPU: without one it says so and exits 0, unless --cpu (tiny batches; every variant
+then runs eagerly, as main.py does on a CPU: it only proves the script works).
 
-    uv run python benchmarks/step_time.py [--quick] [--steps 40]
+    uv run python benchmarks/step_time.py [--quick] [--steps 50]
 """
 
+import argparse
+import functools
+import os
 import sys
+import tempfile
 import time
 
 import common
@@ -26,96 +32,92 @@ import common
 
 def main():
     parser = common.argument_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 40; --quick: 3)")
-    parser.add_argument("--cpu", action="store_true", help="without a GPU, run on the CPU anyway (to test this script)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 50; --quick: 3)")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before timing (default %(default)s; the graph "
+                        "is captured at the 4th)")
     args = parser.parse_args()
-    steps = args.steps or (3 if args.quick else 40)
+    steps = args.steps or (3 if args.quick else 50)
 
-    common.print_header("Step time: one training step of ResNet18, and the first step at each new shape")
+    common.print_header("Step time: main.py's training step, eager against CUDA graph and torch.compile")
     if not common.has_gpu_or_cpu_override("step_time", args.cpu):
         return
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="step-time-inductor-"))
 
     import torch
-    import torch.nn.functional as F
-    from torchvision.models import resnet18
 
     import main as ours
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hardware = ours.pick_hardware()
+    device = hardware.device
     if device.type != "cuda" and not args.cpu:
         sys.exit("step_time: torch sees no GPU")
+    small, large = (8, 32) if device.type != "cuda" else (128, 512)
+    fp32 = ours.Hardware(device, False, torch.contiguous_format)
 
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # Load cuDNN/cuBLAS once, with a shape no variant uses.
-    conv = torch.nn.Conv2d(3, 8, 3).to(device)
-    conv(torch.randn(2, 3, 9, 9, device=device)).sum().backward()
-    synchronize()
-
-    def variant(bf16, memory_format, benchmark, batch, first_batches):
-        torch.backends.cudnn.benchmark = benchmark
-        torch.manual_seed(0)
-        model = resnet18(num_classes=10).to(device, memory_format=memory_format)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
-
-        def step(size):
-            images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, device=device)
-            labels = torch.randint(0, 10, (size,), device=device)
-            x = ours.normalize(images, memory_format)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        firsts = []
-        for size in first_batches:
-            synchronize()
-            start = time.perf_counter()
-            step(size)
-            synchronize()
-            firsts.append(f"{size}: {time.perf_counter() - start:.2f}")
-        for _ in range(5):
-            step(batch)
+    def time_steps(step, images, labels, batch, n, offset=0):
+        """Seconds for `n` steps of main.py's loop: index a batch, step, add its loss to a sum on the device."""
+        order = torch.randperm(len(images), device=device)
+        loss_sum = torch.zeros((), device=device)
         synchronize()
         start = time.perf_counter()
-        for _ in range(steps):
-            step(batch)
+        for i in range(offset, offset + n):
+            index = order[(i % (len(images) // batch)) * batch:][:batch]
+            loss_sum += step(images[index], labels[index])
         synchronize()
-        per_step = (time.perf_counter() - start) / steps
-        # main.py validates in batches of 500: the first forward pass at that shape.
-        model.eval()
-        with torch.no_grad():
-            synchronize()
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-                model(ours.normalize(torch.zeros(500, 3, 32, 32, dtype=torch.uint8, device=device), memory_format))
-            synchronize()
-            first_eval = time.perf_counter() - start
-        return [per_step * 1000, batch / per_step, ", ".join(firsts), first_eval]
+        return time.perf_counter() - start
 
-    cl, cf = torch.channels_last, torch.contiguous_format
-    variants = [  # name, bf16, memory format, cudnn.benchmark, batch, first steps at
-        ("ours: bf16 + channels_last, benchmark off", True, cl, False, 128, (128, 72)),
-        ("upstream's compute: fp32, benchmark off", False, cf, False, 128, (128,)),
-        ("ours: bf16 + channels_last, benchmark on", True, cl, True, 128, (128, 72)),
-        ("ours, benchmark on, batch 512", True, cl, True, 512, (512,)),
-        ("fp32, benchmark on", False, cf, True, 128, (128, 72)),
+    def variant(batch, cuda_graph=False, compile=None, upstream=False):
+        torch.manual_seed(0)
+        step_args = argparse.Namespace(learning_rate=5e-4, weight_decay=1e-4, batch_size=batch, augment=False,
+                                       cuda_graph=cuda_graph, compile=compile)
+        if upstream:
+            model = ours.build_model(fp32)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)  # upstream_main.py's
+            step = functools.partial(ours.train_step, model, optimizer, hardware=fp32)
+        else:
+            model, optimizer = ours.build_model_and_optimizer(step_args, hardware)
+            step = ours.make_train_step(model, optimizer, step_args, hardware)
+        images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, device=device)
+        labels = torch.randint(0, 10, (8 * batch,), device=device)
+        model.train()
+        first = time_steps(step, images, labels, batch, args.warmup)
+        per_step = time_steps(step, images, labels, batch, steps, offset=args.warmup) / steps
+        kind = step.func.__name__ if isinstance(step, functools.partial) else type(step).__name__
+        return first, per_step, kind + (" (capture failed: eager)" if getattr(step, "failed", False) else "")
+
+    variants = [  # name, batch, options
+        ("eager", small, {}),
+        ("--cuda-graph", small, {"cuda_graph": True}),
+        ("eager", large, {}),
+        ("--cuda-graph", large, {"cuda_graph": True}),
+        ("upstream's compute: fp32, contiguous, AdamW", small, {"upstream": True}),
+        ("--compile reduce-overhead", small, {"compile": "reduce-overhead"}),  # Last: it may take a minute.
     ]
-    rows = []
-    for name, bf16, memory_format, benchmark, batch, first_batches in variants:
-        print(f"timing {name}", flush=True)
-        per_step_ms, images_s, firsts, first_eval = variant(bf16, memory_format, benchmark, batch, first_batches)
-        rows.append([name, batch, common.fmt(per_step_ms, 1), common.fmt(images_s, 0), firsts, common.fmt(first_eval)])
+    rows, ms = [], {}
+    for name, batch, options in variants:
+        print(f"timing {name} at batch {batch}", flush=True)
+        first, per_step, step_type = variant(batch, **options)
+        ms[name, batch] = per_step * 1000
+        rows.append([name, batch, per_step * 1000, common.fmt(batch / per_step, 0), first,
+                     first - args.warmup * per_step, common.ratio(ms.get(("eager", batch)), per_step * 1000), step_type])
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    notes = [
+        f"device: {device.type}{'' if device.type == 'cuda' else ' (no bf16 on the CPU; no graph, no compile: every variant is eager fp32)'}; "
+        f"ms/step: mean of {steps} steps after {args.warmup}; first steps s: those {args.warmup}, timed together; "
+        f"extra: that minus {args.warmup} steady steps (capture, compilation); x eager: eager's ms / this one's, same batch",
+    ]
+    for batch in (small, large):
+        speedup = ms["eager", batch] / ms["--cuda-graph", batch]
+        notes.append(f"batch {batch}: the graph is {speedup:.1f}x as fast as eager"
+                     + (f" (target >= 5x: {common.verdict(speedup >= 5)})" if device.type == "cuda" else ""))
     common.print_table(
         "Step time",
-        ["variant", "batch", "ms/step", "images/s", "first step s, by batch size", "first eval (500) s"],
-        rows,
-        [f"device: {device.type}{' (no bf16 autocast on the CPU: every variant is fp32)' if device.type != 'cuda' else ''}; "
-         f"steady state: mean of {steps} steps; variants in this order, in one process"],
+        ["variant", "batch", "ms/step", "images/s", "first steps s", "extra s", "x eager", "step"],
+        rows, notes,
     )
 
 
