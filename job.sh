@@ -64,10 +64,10 @@ export CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-pyt
 export CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
 ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
 # The search's defaults follow from how many workers start together (the tasks of this job
-# times the jobs of the array): a budget of 5 trials per worker, and TPE's random start at
-# least as long as one trial per worker. Why: README, "The search".
+# times the jobs of the array): a budget of 5 trials per worker (at least 25), and TPE's
+# random start one trial per worker (at least 5). Why: README, "The search".
 concurrent_workers=$(( ${SLURM_NTASKS:-1} * ${SLURM_ARRAY_TASK_COUNT:-1} ))
-ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-$(( 5 * concurrent_workers ))}"
+ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-$(( concurrent_workers > 5 ? 5 * concurrent_workers : 25 ))}"
 TPE_N_INITIAL_POINTS="${TPE_N_INITIAL_POINTS:-$(( concurrent_workers > 5 ? concurrent_workers : 5 ))}"
 ALGORITHM="${ALGORITHM:-tpe}"
 if ! [[ "$ORION_MAX_TRIALS" =~ ^[1-9][0-9]*$ && "$TPE_N_INITIAL_POINTS" =~ ^[1-9][0-9]*$ ]]; then
@@ -162,11 +162,12 @@ case "$ALGORITHM" in
         # of workers that start together, or trials are drawn before the model has any data.
         algorithm="tpe: {seed: null, n_initial_points: $TPE_N_INITIAL_POINTS}" ;;
     asha)
-        # Multi-fidelity: --epochs is the fidelity. Rungs of 2, 4 and 8 epochs (reduction
-        # factor 2): shorter first rungs mis-rank configurations (README, "The search"). A
+        # Multi-fidelity: --epochs is the fidelity, rungs of 2, 4 and 10 epochs. A 1-epoch
+        # first rung mis-ranks configurations; two brackets keep workers busier (README, "The
+        # search"). seed: null, or Oríon's ASHA repeats its configurations and stalls. A
         # promoted trial starts in a copy of its lower rung's folder and resumes its checkpoint.
-        algorithm="asha: {seed: null, num_brackets: 1}"
-        priors+=(--epochs~'fidelity(2, 8, base=2)') ;;
+        algorithm="asha: {seed: null, num_brackets: 2}"
+        priors+=(--epochs~'fidelity(2, 10, base=2)') ;;
     random)
         algorithm="random: {seed: null}" ;;
     *)
@@ -181,6 +182,9 @@ experiment:
     max_trials: $ORION_MAX_TRIALS
     max_broken: 10
 worker:
+    # ASHA's workers wait for a rung to fill, for several epochs: not 60 s then LazyWorkers.
+    # (A worker with nothing left to run exits at once anyway: orion_tools.py hunt.)
+    idle_timeout: 1800
     # Run the trial in the worker process itself: on SIGTERM it then waits for main.py to
     # checkpoint and exit 130, and marks the trial "interrupted" (the default process-pool
     # executor's child dies at once and the trial was left "reserved").
