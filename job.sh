@@ -16,7 +16,7 @@
 # --ntasks-per-gpu=5 on the command line gives five. (An #SBATCH --ntasks line would win
 # over --ntasks-per-gpu and keep it at one.)
 #SBATCH --cpus-per-task=4
-# Host memory per GPU: enough for five trials on one GPU (see README, "Benchmarks").
+# Host memory per GPU: enough for five trials on one GPU (see README, "Performance").
 #SBATCH --mem-per-gpu=16G
 #SBATCH --time=01:00:00
 # Preemption and the time limit: see README, "Preemption", and step 6.
@@ -64,8 +64,7 @@ export CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-pyt
 export CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
 ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
 # The search's defaults follow from how many workers start together (the tasks of this job
-# times the jobs of the array): a budget of 5 trials per worker (at least 25), and TPE's
-# random start one trial per worker (at least 5). Why: README, "The search".
+# times the jobs of the array); why these: README, "The search".
 concurrent_workers=$(( ${SLURM_NTASKS:-1} * ${SLURM_ARRAY_TASK_COUNT:-1} ))
 ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-$(( concurrent_workers > 5 ? 5 * concurrent_workers : 25 ))}"
 TPE_N_INITIAL_POINTS="${TPE_N_INITIAL_POINTS:-$(( concurrent_workers > 5 ? concurrent_workers : 5 ))}"
@@ -75,6 +74,35 @@ if ! [[ "$ORION_MAX_TRIALS" =~ ^[1-9][0-9]*$ && "$TPE_N_INITIAL_POINTS" =~ ^[1-9
         "must be positive integers, e.g. export ORION_MAX_TRIALS=50" >&2
     exit 1
 fi
+# The search space: one prior per hyperparameter of main.py (README, "Make it yours").
+priors=(
+    --learning-rate~'loguniform(1e-5, 1.0)'
+    --weight-decay~'loguniform(1e-6, 1e-1)'
+)
+# The algorithm (README, "The search").
+case "$ALGORITHM" in
+    tpe)
+        algorithm="tpe: {seed: null, n_initial_points: $TPE_N_INITIAL_POINTS}" ;;
+    asha)
+        # seed: null, or Oríon's ASHA repeats its configurations and stalls after ~10 rounds.
+        algorithm="asha: {seed: null, num_brackets: 2}"
+        priors+=(--epochs~'fidelity(2, 10, base=2)') ;;
+    random)
+        algorithm="random: {seed: null}" ;;
+    *)
+        echo "error: ALGORITHM=$ALGORITHM: use tpe (the default), asha or random" >&2
+        exit 1 ;;
+esac
+# Arguments after job.sh that Oríon or job.sh set themselves would clash in every trial.
+for argument in "$@"; do
+    for name in "${priors[@]%%~*}" --checkpoint-dir -h --help; do
+        if [[ "$argument" == "$name" || "$argument" == "$name="* ]]; then
+            echo "error: $name cannot follow job.sh: job.sh or Oríon sets it (the priors: job.sh," \
+                "step 1); remove it" >&2
+            exit 1
+        fi
+    done
+done
 # The database and the trials of every search with this script. Named after the example,
 # not after $ORION_EXPERIMENT: the experiments share the one database.
 search_dir="$SCRATCH/orion-example"
@@ -82,6 +110,11 @@ search_dir="$SCRATCH/orion-example"
 export ORION_DB_TYPE=pickleddb
 export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
 export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see README, "Preemption".
+if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT <= 12 )); then
+    echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds above 12 (README," \
+        "\"Preemption\"), e.g. the default, 30" >&2
+    exit 1
+fi
 # The trials' folders (checkpoints, train.log) persist in $SCRATCH: a requeued or another
 # worker resumes an interrupted trial there. Without --working-dir, Oríon deletes them.
 trials_dir="$search_dir/$ORION_EXPERIMENT"
@@ -136,44 +169,12 @@ if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
 fi
 
 # --- 4. Configure Oríon ------------------------------------------------------------------
-# The search space: one prior per hyperparameter of main.py (README, "Make it yours").
-priors=(
-    --learning-rate~'loguniform(1e-5, 1.0)'
-    --weight-decay~'loguniform(1e-6, 1e-1)'
-)
-for argument in "$@"; do
-    for prior in "${priors[@]}"; do
-        if [[ "$argument" == "${prior%%~*}" || "$argument" == "${prior%%~*}="* ]]; then
-            echo "error: Oríon searches ${prior%%~*}: remove it from the arguments after job.sh," \
-                "or change its prior in job.sh, step 4" >&2
-            exit 1
-        fi
-    done
-done
 # A typo in main.py's arguments would break every trial, one after the other, until the
-# experiment is broken for good: check them once, here.
+# experiment is broken for good: check them once, here (needs the environment of step 2).
 if ! python -c 'import sys, main; sys.argv[0] = "main.py"; main.parse_args()' "$@"; then
     echo "error: main.py refuses the arguments after job.sh (see above): correct them and submit again" >&2
     exit 2
 fi
-case "$ALGORITHM" in
-    tpe)
-        # TPE draws its first n_initial_points trials at random; keep it at least the number
-        # of workers that start together, or trials are drawn before the model has any data.
-        algorithm="tpe: {seed: null, n_initial_points: $TPE_N_INITIAL_POINTS}" ;;
-    asha)
-        # Multi-fidelity: --epochs is the fidelity, rungs of 2, 4 and 10 epochs. A 1-epoch
-        # first rung mis-ranks configurations; two brackets keep workers busier (README, "The
-        # search"). seed: null, or Oríon's ASHA repeats its configurations and stalls. A
-        # promoted trial starts in a copy of its lower rung's folder and resumes its checkpoint.
-        algorithm="asha: {seed: null, num_brackets: 2}"
-        priors+=(--epochs~'fidelity(2, 10, base=2)') ;;
-    random)
-        algorithm="random: {seed: null}" ;;
-    *)
-        echo "error: ALGORITHM=$ALGORITHM: use tpe (the default), asha or random" >&2
-        exit 1 ;;
-esac
 orion_config="$SLURM_TMPDIR/orion-config.yml"
 cat > "$orion_config" <<EOF
 experiment:
@@ -182,8 +183,8 @@ experiment:
     max_trials: $ORION_MAX_TRIALS
     max_broken: 10
 worker:
-    # ASHA's workers wait for a rung to fill, for several epochs: not 60 s then LazyWorkers.
-    # (A worker with nothing left to run exits at once anyway: orion_tools.py hunt.)
+    # ASHA's workers may wait several epochs for a rung to fill: not Oríon's 60 s, then
+    # LazyWorkers. (A worker with nothing left to run exits at once: orion_tools.py hunt.)
     idle_timeout: 1800
     # Run the trial in the worker process itself: on SIGTERM it then waits for main.py to
     # checkpoint and exit 130, and marks the trial "interrupted" (the default process-pool
@@ -195,9 +196,7 @@ storage:
         host: $ORION_DB_ADDRESS
 EOF
 
-# `uv run orion info/plot -n NAME` (as written, no options) read the database named in
-# Oríon's global configuration, like `orion db setup` writes it. Point it at ours, unless
-# the user already has one.
+# For `uv run orion info/plot` as written: see README, "Quick start".
 global_config="${XDG_CONFIG_HOME:-$HOME/.config}/orion.core/orion_config.yaml"
 if [[ ! -f "$global_config" ]]; then
     mkdir -p "$(dirname "$global_config")"
@@ -205,13 +204,12 @@ if [[ ! -f "$global_config" ]]; then
     echo "Wrote $global_config: Oríon commands now read $ORION_DB_ADDRESS"
 elif ! grep -qF "$ORION_DB_ADDRESS" "$global_config"; then
     echo "warning: $global_config names another database; to see this search, run" \
-        "ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion info -n $ORION_EXPERIMENT" >&2
+        "ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion info -n $ORION_EXPERIMENT" >&2
 fi
 
 # --- 5. Run the workers ------------------------------------------------------------------
 # Each worker asks the database for a trial, runs main.py with its hyperparameters, reports,
-# and asks again. `orion_tools.py hunt` is `orion hunt` with an exact budget: exactly
-# ORION_MAX_TRIALS trials, however many workers, and a worker with nothing left exits at once.
+# and asks again. `orion_tools.py hunt`: `orion hunt` with an exact budget (README, "The search").
 # Several workers may share a GPU: keep their CPU threads within the task's CPUs.
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
 hunt=(
@@ -237,7 +235,9 @@ forward_to_workers() {
     near_time_limit=true
     scancel --signal=TERM "$SLURM_JOB_ID"
 }
-trap forward_to_workers USR1
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    trap forward_to_workers USR1
+fi
 trap 'true' TERM  # Slurm signals the workers directly; wait for them to finish saving.
 hunt_status=0
 while true; do
@@ -259,16 +259,15 @@ verdict=$hunt_status
 if (( broken_trials > 0 )); then
     echo "error: $broken_trials trial(s) of this job broke; their logs are in $trials_dir/<trial id>/train.log" >&2
     verdict=1
-# A worker that finds no trial to run for a minute (the others hold the last ones) stops
-# with `LazyWorkers`: its job is done, not failed.
+# An ASHA worker that waited idle_timeout for a rung to fill stops with `LazyWorkers`: its
+# job is done, not failed.
 elif (( hunt_status != 0 )) && grep -q "LazyWorkers" "$hunt_log"; then
     echo "No trial left for this worker: done."
     verdict=0
 fi
 # The output ends with what this job did (main.py logs one "Objective" line per trial it
-# finishes) and where the search stands. The job that completes the search writes the
-# report (plots and summary.txt) beside the database; `orion_tools.py report` makes it on
-# demand. A report that fails or hangs (kaleido's Chromium) fails no job.
+# finishes) and where the search stands (README, "What you see at the end"). A report that
+# fails or hangs (kaleido's Chromium) fails no job.
 trials_run=$(grep -c "Objective (1 - validation accuracy)" "$hunt_log" || true)
 echo "This job ran $trials_run trial(s) of experiment $ORION_EXPERIMENT."
 if ! timeout 600 python orion_tools.py report --if-done --experiment "$ORION_EXPERIMENT" \

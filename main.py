@@ -10,8 +10,8 @@ Speed (benchmarks/RESULTS.md): on one H200, an epoch of 45,000 images trains in 
 and five trials can share the GPU; upstream's log shows 72 % validation accuracy after 10
 epochs at learning rate 1.4e-3 for this model and optimizer.
 
-Read `main()` first: it is the table of contents. The sections below it come in the order
-they run: 1. command line, 2. data, 3. model and training step, 4. run state and checkpoints,
+Read `main()` first: it is the table of contents. The sections below it: 1. command line,
+seeds and hardware, 2. data, 3. model and training step, 4. run state and checkpoints,
 5. preemption, 6. logging, metrics and the report to Oríon. To train another model or data
 set, change `build_model` and `load_train_and_validation` (README, "Make it yours").
 """
@@ -70,7 +70,8 @@ def main() -> None:
     setup_logging(args.checkpoint_dir)
     logger.info(f"Args: {json.dumps(vars(args), default=str)}")
     if "SLURM_JOB_ID" in os.environ:
-        # job.sh reads this line to find the trials of a job that was killed and requeued.
+        # `orion_tools.py reclaim` reads this line (SLURM_JOB_LINE) to find the trials of a job
+        # that was killed and requeued: change both together.
         logger.info(f"Running in Slurm job {os.environ['SLURM_JOB_ID']} on {socket.gethostname()}")
     stop = StopSignal.install()
     seed_everything(args.seed)
@@ -105,7 +106,7 @@ def main() -> None:
 
 
 # ======================================================================================
-# 1. Command line
+# 1. Command line, seeds and hardware
 # ======================================================================================
 
 
@@ -116,11 +117,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def int_at_least(minimum: int, why: str = ""):
+def int_at_least(minimum: int, why: str = "", maximum: int | None = None):
     def parse(text: str) -> int:
         value = int(text)
-        if value < minimum:
+        if value < minimum or (maximum is not None and value > maximum):
             wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            wanted += f" and <= {maximum}" if maximum is not None else ""
             raise argparse.ArgumentTypeError(f"must be {wanted}{why}, got {text}")
         return value
     parse.__name__ = "integer"  # argparse's message for "ten": "invalid integer value: 'ten'".
@@ -141,15 +143,23 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+positive_float.__name__ = non_negative_float.__name__ = "number"  # "invalid number value: 'abc'"
+
+
 def parse_args() -> argparse.Namespace:
     default_data_dir = Path(os.environ["SLURM_TMPDIR"], "data") if "SLURM_TMPDIR" in os.environ else Path("data")
-    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        # No abbreviations: `--learning 0.1` after job.sh would pass its check for searched
+        # arguments, then lose silently to Oríon's `--learning-rate VALUE` on the same line.
+        allow_abbrev=False,
+    )
     # The hyperparameters. A new one is one line here (and a prior in job.sh to search it).
     parser.add_argument("--epochs", type=int_at_least(1), default=10)
     parser.add_argument("--learning-rate", type=positive_float, default=5e-4)
     parser.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
     parser.add_argument("--batch-size", type=int_at_least(2, " (BatchNorm needs two images)"), default=128)
-    parser.add_argument("--seed", type=int_at_least(0), default=42)
+    parser.add_argument("--seed", type=int_at_least(0, maximum=2**32 - 1), default=42)  # numpy's range.
     parser.add_argument(
         "--augment", action="store_true",
         help="random crop (4-pixel padding) and horizontal flip of the training images, on the GPU",
@@ -385,6 +395,8 @@ def make_train_step(model, optimizer, args, hardware: Hardware):
     """`step(images, labels) -> summed loss`: `train_step`, or its CUDA-graph replay (--cuda-graph)."""
     if args.cuda_graph and not use_cuda_graph(args, hardware):
         logger.warning("--cuda-graph needs a GPU and no --compile: training without the graph")
+    if args.compile and hardware.device.type != "cuda":
+        logger.warning("--compile needs a GPU: training without it")
     if use_cuda_graph(args, hardware):
         return CudaGraphTrainStep(model, optimizer, hardware, args.batch_size, args.augment)
     step_model = torch.compile(model, mode=args.compile) if args.compile and hardware.device.type == "cuda" else model
@@ -689,6 +701,7 @@ def end_epoch(state: TrainingState, data: Data, args, hardware: Hardware, val_lo
     images_per_second = trained_images / train_seconds
     logger.info(f"Epoch {state.epoch} trained in {train_seconds:.2f} s ({images_per_second:.0f} images/s), "
                 f"validated in {val_seconds:.2f} s")
+    # Every image but a last batch of one, which train_one_epoch skips.
     epoch_images = len(data.train_images) - (1 if len(data.train_images) % args.batch_size == 1 else 0)
     peak_host_gib, peak_gpu_gib = peak_memory_gib(hardware.device)
     state.history.append({
@@ -743,7 +756,7 @@ def report_objective(objective: float) -> None:
 
     This is the file `orion.client.report_objective` writes (Oríon's documented results
     protocol; tests/test_orion.py checks they match), without importing Oríon, which costs
-    about 2-5 s per trial and every trial is a fresh process.
+    seconds per trial (README, "main.py by hand") and every trial is a fresh process.
     """
     objective = float(objective)  # Oríon rejects numpy and torch numbers.
     results_path = os.environ.get("ORION_RESULTS_PATH")

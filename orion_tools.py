@@ -111,6 +111,9 @@ def produce_within_budget(self, pool_size, timeout=60, retry_interval=1) -> int:
     return produced
 
 
+ORIONS_IS_DONE = Experiment.is_done  # Before `hunt` replaces it.
+
+
 def done_within_budget(self) -> bool:
     """Oríon's `is_done`, or: the budget is used up and no trial is waiting for a worker.
 
@@ -127,8 +130,6 @@ def done_within_budget(self) -> bool:
     ]
     return trials_left(self) <= 0 and not waiting
 
-
-ORIONS_IS_DONE = Experiment.is_done
 
 
 def hunt(hunt_arguments: list[str]) -> int:
@@ -327,9 +328,12 @@ def report(args) -> int:
     if args.if_done and not is_done(experiment, trials):
         print("\n".join(summary_lines(experiment, trials)))
         print(f"The search is not done: no report yet (make one now with: python orion_tools.py report "
-              f"--experiment {args.experiment})")
+              f"--experiment {args.experiment} --database {args.database} --trials-dir {trials_dir_of(args)})")
         return 0
     trials_dir = trials_dir_of(args)
+    if not trials_dir.is_dir():
+        print(f"warning: no trial folders in {trials_dir}: no learning curves or epochs; pass --trials-dir "
+              "(orion hunt's --working-dir)", file=sys.stderr)
     output = Path(args.output) if args.output else Path(args.database).parent / f"{args.experiment}-report"
     output.mkdir(parents=True, exist_ok=True)
     metrics = {trial.id: read_metrics(trials_dir / trial.id) for trial in trials}

@@ -192,7 +192,19 @@ def test_unknown_main_py_argument_is_refused_before_any_trial(job_env):
 def test_searched_argument_after_job_sh_is_refused(job_env):
     result = bash_job(job_env, "--learning-rate", "0.1")
     assert result.returncode == 1
-    assert "error: Oríon searches --learning-rate" in result.stderr
+    assert "error: --learning-rate cannot follow job.sh" in result.stderr
+
+
+def test_epochs_after_job_sh_with_asha_is_refused(job_env):
+    result = bash_job(job_env, "--epochs", "3", ALGORITHM="asha")  # ASHA's fidelity.
+    assert result.returncode == 1
+    assert "error: --epochs cannot follow job.sh" in result.stderr
+
+
+def test_heartbeat_that_would_run_live_trials_twice_is_refused(job_env):
+    result = bash_job(job_env, ORION_HEARTBEAT=10)
+    assert result.returncode == 1
+    assert "ORION_HEARTBEAT=10: use a whole number of seconds above 12" in result.stderr
 
 
 def test_budget_that_is_not_a_number_is_refused(job_env):

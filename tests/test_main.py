@@ -131,8 +131,11 @@ def test_python3_pickles_with_str_keys_load_too(data_copy):
         (["--weight-decay", "-1"], "--weight-decay: must be zero or a positive number, got -1"),
         (["--epochs", "ten"], "--epochs: invalid integer value: 'ten'"),
         (["--batch-size", "1"], "--batch-size: must be an integer >= 2 (BatchNorm needs two images), got 1"),
-        (["--seed", "-1"], "--seed: must be an integer >= 0, got -1"),
+        (["--seed", "-1"], "--seed: must be an integer >= 0 and <= 4294967295, got -1"),
         (["--fooo", "1"], "unrecognized arguments: --fooo 1"),
+        (["--seed", "4294967296"], "--seed: must be an integer >= 0 and <= 4294967295, got 4294967296"),
+        (["--learning-rate", "abc"], "--learning-rate: invalid number value: 'abc'"),
+        (["--learning", "0.1"], "unrecognized arguments: --learning 0.1"),  # No abbreviations.
     ],
 )
 def test_bad_hyperparameters_give_one_error_line(monkeypatch, capsys, argv, expected):
