@@ -169,6 +169,10 @@ if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
 fi
 
 # --- 4. Configure Oríon ------------------------------------------------------------------
+# An emptied or truncated database (a crash of the file server) would start the search
+# over: stop instead, and say how to restore the copy the last job made.
+python orion_tools.py check-database --database "$ORION_DB_ADDRESS"
+
 # A typo in main.py's arguments would break every trial, one after the other, until the
 # experiment is broken for good: check them once, here (needs the environment of step 2).
 if ! python -c 'import sys, main; sys.argv[0] = "main.py"; main.parse_args()' "$@"; then
@@ -259,6 +263,12 @@ verdict=$hunt_status
 if (( broken_trials > 0 )); then
     echo "error: $broken_trials trial(s) of this job broke; their logs are in $trials_dir/<trial id>/train.log" >&2
     verdict=1
+    # Past max_broken, Oríon runs no trial of this experiment any more, in any job.
+    if grep -q "Trials failed too many times\|Worker has reached broken trials threshold" "$hunt_log"; then
+        echo "error: experiment $ORION_EXPERIMENT has too many broken trials and runs nothing more: fix the" \
+            "cause (a broken trial's train.log), then remove them with: ORION_DB_TYPE=pickleddb" \
+            "ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion db rm $ORION_EXPERIMENT --status broken --force" >&2
+    fi
 # An ASHA worker that waited idle_timeout for a rung to fill stops with `LazyWorkers`: its
 # job is done, not failed.
 elif (( hunt_status != 0 )) && grep -q "LazyWorkers" "$hunt_log"; then

@@ -146,7 +146,7 @@ def non_negative_float(text: str) -> float:
 positive_float.__name__ = non_negative_float.__name__ = "number"  # "invalid number value: 'abc'"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default_data_dir = Path(os.environ["SLURM_TMPDIR"], "data") if "SLURM_TMPDIR" in os.environ else Path("data")
     parser = OneLineErrorParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -183,7 +183,7 @@ def parse_args() -> argparse.Namespace:
         "--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
         help="replay the whole training step as one CUDA graph (CUDA only; see CudaGraphTrainStep)",
     )
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def seed_everything(seed: int) -> None:
@@ -311,10 +311,10 @@ def load_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path} is truncated or corrupt ({type(error).__name__}: {error}); "
             f"delete {path.parent} and stage CIFAR-10 again"
         )
-    if len(images) == 0:
-        raise DataError(f"{path} holds no images; delete {path.parent} and stage CIFAR-10 again")
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: expected uint8 images of shape (N, 3072), got {images.dtype} {images.shape}")
+    if len(images) == 0:
+        raise DataError(f"{path} holds no images; delete {path.parent} and stage CIFAR-10 again")
     if labels.shape != (len(images),) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() > 9:
         raise DataError(f"{path}: expected {len(images)} integer labels in 0..9")
     return images.reshape(-1, 3, 32, 32), labels.astype(np.int64)

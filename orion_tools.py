@@ -2,6 +2,7 @@
 
     python orion_tools.py hunt -n NAME --config FILE ... python main.py ...   # orion hunt, exact budget
     python orion_tools.py reclaim --experiment NAME --trials-dir DIR --job-id ID --since EPOCH
+    python orion_tools.py check-database                       # refuse an emptied database, back it up
     python orion_tools.py summary [--experiment NAME]       # trials by status, best so far: 2 lines
     python orion_tools.py report [--experiment NAME] [--trials-dir DIR] [--output DIR] [--if-done]
 
@@ -17,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -380,6 +382,40 @@ def report(args) -> int:
     return 1 if failed else 0
 
 
+# --- check-database: never start a search over from an emptied database ------------------------
+# PickledDB rewrites the whole file at every operation (temporary file + rename, no fsync):
+# after a crash of the file server the file can be empty or truncated. Oríon reads an empty
+# file as an empty database (`orion status`: "No experiment found"; a new hunt starts over).
+
+
+def check_database(args) -> int:
+    """Refuses an empty or unreadable database (exit 1, and how to recover); else backs it up.
+
+    The backup, `<database>.bak`, is the last copy that a job found readable.
+    """
+    database, backup = Path(args.database), Path(f"{args.database}.bak")
+    if not database.exists():
+        return 0  # A new search.
+    problem = None
+    if database.stat().st_size == 0:
+        problem = "is empty"
+    else:
+        try:
+            with open(database, "rb") as file:
+                pickle.load(file)
+        except Exception as error:  # Truncated, or not a pickle at all.
+            problem = f"is not readable ({type(error).__name__}: {error})"
+    if problem:
+        recovery = (f"restore the last good copy: cp {backup} {database}" if backup.is_file()
+                    else "no backup exists: move it away to start a new search")
+        print(f"error: the Oríon database {database} {problem}; {recovery}", file=sys.stderr)
+        return 1
+    temporary = backup.with_name(f"{backup.name}.{os.getpid()}.tmp")
+    shutil.copyfile(database, temporary)
+    os.replace(temporary, backup)  # Several jobs may back up at once: each rename is whole.
+    return 0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line: a subparser per subcommand, which names its function in `run`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -396,6 +432,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     command.add_argument("--job-id", required=True, help="this job's $SLURM_JOB_ID")
     command.add_argument("--since", required=True, type=float,
                          help="when this run of the job started, in seconds since the epoch")
+
+    command = subcommands.add_parser("check-database", parents=[common], help=check_database.__doc__.split("\n")[0])
+    command.set_defaults(run=check_database)
 
     reading = argparse.ArgumentParser(add_help=False, parents=[common])
     reading.add_argument("--experiment", default=os.environ.get("ORION_EXPERIMENT", "orion-example"),

@@ -135,6 +135,8 @@ def test_job_whose_trials_break_fails(slurm_env, job_env, tmp_path):
                                "--data-dir", tmp_path / "nowhere", ORION_MAX_TRIALS=1)
     assert code != 0
     assert re.search(r"error: \d+ trial\(s\) of this job broke", output), output
+    assert "has too many broken trials and runs nothing more" in output  # Broken trials are replaced up to max_broken.
+    assert "orion db rm orion-example --status broken --force" in output
     assert "CIFAR-10 not found in" in "".join(
         p.read_text() for p in (job_env["SCRATCH"] / "orion-example").glob("*/*/train.log"))
 

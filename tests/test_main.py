@@ -101,6 +101,8 @@ def test_truncated_archive(tmp_path):
         ({b"data": np.zeros((10, 1024), np.uint8), b"labels": [0] * 10}, "(N, 3072)"),
         ({b"data": np.zeros((10, 3072), np.uint8), b"labels": [10] * 10}, "labels in 0..9"),
         ({b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 9}, "10 integer labels"),
+        ({b"data": None, b"labels": [0] * 10}, "expected uint8 images"),
+        ({b"labels": [0] * 10}, "truncated or corrupt (KeyError"),
     ],
 )
 def test_invalid_contents_are_refused(data_copy, bad_batch, expected):

@@ -167,3 +167,35 @@ def test_spare_workers_exit_before_the_trials_end(more_workers_than_budget):
 def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
     wait_for_workers(start_workers(tmp_path, n_workers=2, budget=7, trial_seconds=0))
     assert [t.status for t in trials_of(tmp_path)] == ["completed"] * 7
+
+
+# --- check-database: an emptied database is refused, a readable one backed up ----------------
+
+
+def check_database(database) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-W", "ignore", "orion_tools.py", "check-database", "--database",
+                           str(database)], cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_readable_database_is_backed_up(database, experiment):
+    assert check_database(database).returncode == 0
+    assert open(f"{database}.bak", "rb").read() == open(database, "rb").read()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_database_is_refused_with_the_way_back(database, experiment, damage):
+    check_database(database)  # The backup a job made earlier.
+    content = open(database, "rb").read()
+    open(database, "wb").write(b"" if damage == "empty" else content[: len(content) // 2])
+    result = check_database(database)
+    assert result.returncode == 1
+    assert result.stderr.endswith(f"restore the last good copy: cp {database}.bak {database}\n")
+
+
+def test_a_damaged_database_keeps_the_last_good_backup(database, experiment):
+    check_database(database)
+    good = open(f"{database}.bak", "rb").read()
+    open(database, "wb").write(b"")
+    check_database(database)
+    assert open(f"{database}.bak", "rb").read() == good

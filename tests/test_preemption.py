@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import main
+
 from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, database, read_metrics, read_trials,
                       run_main, submit, trials_dir)
 # 450 training images in batches of 32: 15 steps per epoch, a few seconds on this CPU.
@@ -252,3 +254,34 @@ def test_promotion_to_more_epochs_equals_training_straight_there(cifar_data_dir,
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert "Resuming training at epoch 1" in promoted.stdout
     assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])
+
+
+# --- A full disk during a checkpoint -------------------------------------------------------
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A checkpoint folder whose every checkpoint write fails with "No space left on device"."""
+    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
+    args = main.parse_args(["--checkpoint-dir", str(tmp_path)])
+    hardware = main.Hardware(torch.device("cpu"), False, torch.contiguous_format)
+    model, optimizer = main.build_model_and_optimizer(args, hardware)
+    return tmp_path, args, model, optimizer
+
+
+def test_full_disk_during_a_checkpoint_is_a_warning_not_a_crash(full_disk):
+    folder, args, model, optimizer = full_disk
+    assert main.save_checkpoint_and_metrics(folder, main.TrainingState(), model, optimizer, args) is False
+
+
+def test_full_disk_leaves_no_temporary_file(full_disk):
+    folder, args, model, optimizer = full_disk
+    main.save_checkpoint_and_metrics(folder, main.TrainingState(), model, optimizer, args)
+    assert sorted(p.name for p in folder.iterdir()) == []
+
+
+def test_full_disk_on_preemption_still_exits_as_interrupted(full_disk):
+    folder, args, model, optimizer = full_disk
+    with pytest.raises(SystemExit) as exit_info:
+        main.save_and_exit_interrupted(folder, main.TrainingState(), model, optimizer, args, signal.SIGTERM)
+    assert exit_info.value.code == 130  # Oríon's "interrupted": resumed later, not counted as broken.
