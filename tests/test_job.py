@@ -213,3 +213,9 @@ def test_budget_that_is_not_a_number_is_refused(job_env):
     result = bash_job(job_env, ORION_MAX_TRIALS="ten")
     assert result.returncode == 1
     assert "ORION_MAX_TRIALS=ten" in result.stderr
+
+
+def test_unknown_algorithm_is_refused(job_env):
+    result = bash_job(job_env, ALGORITHM="foo")
+    assert result.returncode == 1
+    assert "error: ALGORITHM=foo: use tpe (the default), asha or random" in result.stderr
