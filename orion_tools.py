@@ -93,17 +93,17 @@ def reclaim(args) -> int:
 # "Oríon quirks"). Broken trials do not count: the search replaces them, up to max_broken.
 
 
-def trials_left(experiment) -> int:
+def trials_left(experiment, trials) -> int:
     """How many more trials the budget (max_trials) allows: every trial counts but broken ones."""
-    counted = [trial for trial in experiment.fetch_trials(with_evc_tree=False) if trial.status != "broken"]
-    return experiment.max_trials - len(counted)
+    return experiment.max_trials - sum(trial.status != "broken" for trial in trials)
 
 
 def produce_within_budget(self, pool_size, timeout=60, retry_interval=1) -> int:
     """Oríon's `Producer.produce`, suggesting no more trials than the budget has left."""
     produced = 0
     with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
-        left = trials_left(self.experiment)  # Counted under the lock: no other worker produces meanwhile.
+        # Counted under the lock: no other worker produces meanwhile.
+        left = trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False))
         for trial in algorithm.suggest(min(pool_size, left)) if left > 0 else []:
             try:
                 self.experiment.register_trial(trial)
@@ -125,12 +125,13 @@ def done_within_budget(self) -> bool:
     if ORIONS_IS_DONE.fget(self):
         return True
     lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
+    trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for both questions.
     waiting = [
-        trial for trial in self.fetch_trials(with_evc_tree=False)
+        trial for trial in trials
         if trial.status in ("new", "interrupted")
         or (trial.status == "reserved" and trial.heartbeat is not None and trial.heartbeat <= lost_before)
     ]
-    return trials_left(self) <= 0 and not waiting
+    return trials_left(self, trials) <= 0 and not waiting
 
 
 
@@ -220,11 +221,7 @@ def summary_lines(experiment, trials) -> list[str]:
 
 def summary(args) -> int:
     """Prints trials by status and the best objective so far (no plots: cheap)."""
-    try:
-        experiment, trials = open_experiment(args)
-    except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    experiment, trials = open_experiment(args)
     print("\n".join(summary_lines(experiment, trials)))
     return 0
 
@@ -322,11 +319,7 @@ def write_png(figure, path: Path) -> None:
 
 def report(args) -> int:
     """Writes the search's report (plots as PNG and summary.txt) and prints its summary."""
-    try:
-        experiment, trials = open_experiment(args)
-    except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    experiment, trials = open_experiment(args)
     if args.if_done and not is_done(experiment, trials):
         print("\n".join(summary_lines(experiment, trials)))
         print(f"The search is not done: no report yet (make one now with: python orion_tools.py report "
@@ -458,7 +451,11 @@ def main(argv=None) -> int:
     if argv[:1] == ["hunt"]:  # argparse would take `orion hunt`'s options as its own.
         return hunt(argv[1:])
     args = parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ReportError as error:  # No experiment to read: one line, no traceback.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
