@@ -77,28 +77,32 @@ def main() -> None:
     seed_everything(args.seed)
     hardware = pick_hardware()
 
-    data = load_data_or_fail(args.data_dir, hardware.device, args.batch_size)
-    model, optimizer = build_model_and_optimizer(args, hardware)
-    state = resume_or_start(args, model, optimizer, hardware.device)
-    step = make_train_step(model, optimizer, args, hardware)
-    ready_seconds = time.perf_counter() - started
-    logger.info(
-        f"Training on {hardware.device.type}: {len(data.train_images)} training and {len(data.valid_images)} "
-        f"validation images, {steps_per_epoch(data, args)} steps per epoch; "
-        f"ready after {ready_seconds:.1f} s"
-    )
+    try:  # From here on the GPU can run out of memory (see out_of_memory_message).
+        data = load_data_or_fail(args.data_dir, hardware.device, args.batch_size)
+        model, optimizer = build_model_and_optimizer(args, hardware)
+        state = resume_or_start(args, model, optimizer, hardware.device)
+        step = make_train_step(model, optimizer, args, hardware)
+        ready_seconds = time.perf_counter() - started
+        logger.info(
+            f"Training on {hardware.device.type}: {len(data.train_images)} training and {len(data.valid_images)} "
+            f"validation images, {steps_per_epoch(data, args)} steps per epoch; "
+            f"ready after {ready_seconds:.1f} s"
+        )
 
-    while state.epoch < args.epochs and not state.diverged:
-        epoch_start = time.perf_counter()
-        trained_images = train_one_epoch(model, step, data, state, args, hardware, stop)
-        if stop.received:
-            save_and_exit_interrupted(args.checkpoint_dir, state, model, optimizer, args, stop.received)
-        train_seconds = time.perf_counter() - epoch_start  # train_one_epoch waited for the GPU.
-        val_loss, val_accuracy = evaluate(model, data.valid_images, data.valid_labels, hardware)
-        end_epoch(state, data, args, hardware, val_loss, val_accuracy, trained_images, train_seconds,
-                  val_seconds=time.perf_counter() - epoch_start - train_seconds, started=started,
-                  ready_seconds=ready_seconds)
-        save_checkpoint_and_metrics(args.checkpoint_dir, state, model, optimizer, args)
+        while state.epoch < args.epochs and not state.diverged:
+            epoch_start = time.perf_counter()
+            trained_images = train_one_epoch(model, step, data, state, args, hardware, stop)
+            if stop.received:
+                save_and_exit_interrupted(args.checkpoint_dir, state, model, optimizer, args, stop.received)
+            train_seconds = time.perf_counter() - epoch_start  # train_one_epoch waited for the GPU.
+            val_loss, val_accuracy = evaluate(model, data.valid_images, data.valid_labels, hardware)
+            end_epoch(state, data, args, hardware, val_loss, val_accuracy, trained_images, train_seconds,
+                      val_seconds=time.perf_counter() - epoch_start - train_seconds, started=started,
+                      ready_seconds=ready_seconds)
+            save_checkpoint_and_metrics(args.checkpoint_dir, state, model, optimizer, args)
+    except torch.cuda.OutOfMemoryError as error:
+        # No checkpoint now: the last one is kept as it is.
+        fail(out_of_memory_message(error, hardware.device))
 
     report_objective(1.0 - reported_epoch(state, args)["val_accuracy"])
     peak_host_gib, peak_gpu_gib = peak_memory_gib(hardware.device)  # To size --mem and --mem-per-gpu.
@@ -573,7 +577,7 @@ def save_checkpoint_and_metrics(checkpoint_dir: Path | None, state: TrainingStat
     if checkpoint_dir is None:
         return False
     path = checkpoint_dir / "checkpoint.pt"
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = temporary_path(path)
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "run_identity": run_identity(args), "training_state": vars(state),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -593,6 +597,15 @@ def save_checkpoint_and_metrics(checkpoint_dir: Path | None, state: TrainingStat
         return False
     write_metrics(checkpoint_dir, state)
     return True
+
+
+def temporary_path(path: Path) -> Path:
+    """Where this process writes `path` before renaming it into place: a name of its own.
+
+    Should Oríon hand a trial to a second worker while the first still runs (a lost
+    heartbeat), a shared name would mix their two writes into one corrupt file.
+    """
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")  # pids repeat across nodes.
 
 
 def save_and_exit_interrupted(checkpoint_dir, state, model, optimizer, args, signum: int) -> NoReturn:
@@ -685,6 +698,24 @@ def fail(message: str) -> NoReturn:
     sys.exit(f"error: {message}")
 
 
+def out_of_memory_message(error: torch.cuda.OutOfMemoryError, device: torch.device) -> str:
+    """The GPU was full: what this trial held of it, and what to change.
+
+    A configuration that does not fit exits 1, as the other errors of `fail`: Oríon marks
+    the trial broken rather than hand it, unchanged, to a worker that would run out again.
+    """
+    # torch's message is a paragraph; its first two sentences say how much was asked for.
+    asked = ". ".join(str(error).split(". ")[:2])  # "CUDA out of memory. Tried to allocate 2.00 GiB"
+    held = ""
+    if device.type == "cuda":  # Several trials per GPU (job.sh --ntasks-per-gpu) share its memory.
+        gib = lambda n_bytes: f"{n_bytes / 2**30:.1f} GiB"  # noqa: E731
+        held = (f"; this trial held {gib(torch.cuda.memory_allocated(device))} "
+                f"(at most {gib(torch.cuda.max_memory_allocated(device))}) "
+                f"of the GPU's {gib(torch.cuda.get_device_properties(device).total_memory)}")
+    return (f"the GPU ran out of memory ({asked}){held}: "
+            "lower --batch-size, or run fewer trials per GPU (--ntasks-per-gpu)")
+
+
 def peak_memory_gib(device: torch.device) -> tuple[float, float]:
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return host, torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
@@ -736,11 +767,12 @@ def write_metrics(checkpoint_dir: Path, state: TrainingState) -> None:
     Learning-curve plots, tests and benchmarks read this file instead of the log.
     """
     path = checkpoint_dir / "metrics.jsonl"
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = temporary_path(path)
     try:
         temporary.write_text("".join(json.dumps(record) + "\n" for record in state.history))
         os.replace(temporary, path)
     except OSError as error:
+        temporary.unlink(missing_ok=True)
         logger.warning(f"Cannot write {path} ({error})")
 
 

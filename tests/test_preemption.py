@@ -1,5 +1,6 @@
-"""Preemption: checkpoints, resuming, SIGTERM, lost workers, and a requeued Slurm job."""
+"""Preemption: checkpoints, resuming, SIGTERM, lost workers, a requeued Slurm job; a full disk or GPU."""
 
+import multiprocessing
 import os
 import re
 import shutil
@@ -144,7 +145,7 @@ def start_hunt(tmp_path, cifar_data_dir, **env):
     env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion.pkl", **env)
     return subprocess.Popen(
         [REPO_ROOT / ".venv" / "bin" / "orion", "hunt", "-n", "preempt", "--config", config,
-         "--working-dir", tmp_path / "trials", "python", MAIN_PY, "--data-dir", cifar_data_dir,
+         "--working-dir", tmp_path / "trials", sys.executable, MAIN_PY, "--data-dir", cifar_data_dir,
          "--epochs", "2", "--batch-size", "32", "--learning-rate~loguniform(1e-4, 1e-2)"],
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -259,14 +260,19 @@ def test_promotion_to_more_epochs_equals_training_straight_there(cifar_data_dir,
 # --- A full disk during a checkpoint -------------------------------------------------------
 
 
+def model_to_save(folder):
+    """What save_checkpoint_and_metrics needs for a run in `folder`: (args, model, optimizer)."""
+    args = main.parse_args(["--checkpoint-dir", str(folder)])
+    hardware = main.Hardware(torch.device("cpu"), False, torch.contiguous_format)
+    return args, *main.build_model_and_optimizer(args, hardware)
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A checkpoint folder whose every checkpoint write fails with "No space left on device"."""
-    (tmp_path / "checkpoint.pt.tmp").symlink_to("/dev/full")
-    args = main.parse_args(["--checkpoint-dir", str(tmp_path)])
-    hardware = main.Hardware(torch.device("cpu"), False, torch.contiguous_format)
-    model, optimizer = main.build_model_and_optimizer(args, hardware)
-    return tmp_path, args, model, optimizer
+    # The temporary file this process writes the checkpoint to, before renaming it.
+    main.temporary_path(tmp_path / "checkpoint.pt").symlink_to("/dev/full")
+    return tmp_path, *model_to_save(tmp_path)
 
 
 def test_full_disk_during_a_checkpoint_is_a_warning_not_a_crash(full_disk):
@@ -285,3 +291,92 @@ def test_full_disk_on_preemption_still_exits_as_interrupted(full_disk):
     with pytest.raises(SystemExit) as exit_info:
         main.save_and_exit_interrupted(folder, main.TrainingState(), model, optimizer, args, signal.SIGTERM)
     assert exit_info.value.code == 130  # Oríon's "interrupted": resumed later, not counted as broken.
+
+
+def test_full_disk_while_writing_metrics_keeps_the_previous_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    main.temporary_path(tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    main.write_metrics(tmp_path, main.TrainingState(history=[{"epoch": 0}, {"epoch": 1}]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # No temporary file left.
+    assert read_metrics(tmp_path) == [{"epoch": 0}]
+
+
+# --- A second worker on the same trial ---------------------------------------------------
+
+
+def write_half_a_checkpoint(folder: Path, half_written, finish) -> None:
+    """Another worker's checkpoint save, paused half-way (as main.py names its temporary file)."""
+    with open(main.temporary_path(folder / "checkpoint.pt"), "wb") as file:
+        file.write(b"1" * 2**20)  # Past the start of the model's weights in a checkpoint.
+        file.flush()
+        half_written.set()
+        finish.wait(60)
+        file.write(b"2" * 2**20)
+
+
+def test_a_second_worker_writing_the_same_trial_cannot_corrupt_its_checkpoint(tmp_path):
+    # A lost heartbeat: Oríon hands a still-running trial to a second worker, and both save
+    # into the same folder at once. A shared temporary file would mix the two writes.
+    fork = multiprocessing.get_context("fork")  # The other worker: main.py already imported, another pid.
+    half_written, finish = fork.Event(), fork.Event()
+    other_worker = fork.Process(target=write_half_a_checkpoint, args=(tmp_path, half_written, finish))
+    other_worker.start()
+    assert half_written.wait(60)
+    args, model, optimizer = model_to_save(tmp_path)
+    assert main.save_checkpoint_and_metrics(tmp_path, main.TrainingState(), model, optimizer, args) is True
+    finish.set()
+    other_worker.join(60)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(saved[name], weights) for name, weights in model.state_dict().items())
+
+
+# --- The GPU runs out of memory ----------------------------------------------------------
+
+# What torch raises when an allocation does not fit in the GPU's memory (its message, cut short).
+OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.72 GiB of "
+                 "which 1.06 GiB is free. Process 4242 has 27.52 GiB memory in use.")
+
+
+def run_main_out_of_memory(*args) -> subprocess.CompletedProcess:
+    """Runs main.py as run_main does, except that its training step raises CUDA's out-of-memory error.
+
+    A CPU cannot run out of GPU memory; everything but the failing step is main.py's own run.
+    """
+    program = ("import sys, torch, main\n"
+               "def train_step(*args, **kwargs):\n"
+               f"    raise torch.cuda.OutOfMemoryError({OUT_OF_MEMORY!r})\n"
+               "main.train_step = train_step\n"
+               "main.main()\n")
+    return subprocess.run([sys.executable, "-c", program, *map(str, args)], env=clean_env(), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def out_of_memory(cifar_data_dir, tmp_path_factory, uninterrupted):
+    """A trial resumed from a checkpoint (to train one more epoch) whose first step runs out of GPU memory."""
+    trial_dir = tmp_path_factory.mktemp("out-of-memory")
+    shutil.copy(uninterrupted[1] / "checkpoint.pt", trial_dir / "checkpoint.pt")
+    result = run_main_out_of_memory("--data-dir", cifar_data_dir, *TRAIN_ARGS[2:], "--epochs", "3",
+                                    "--checkpoint-dir", trial_dir)
+    return result, trial_dir
+
+
+def test_gpu_out_of_memory_is_one_error_line(out_of_memory):
+    result, _ = out_of_memory
+    assert result.returncode == 1  # Broken: this configuration does not fit.
+    assert result.stderr.count("\n") == 1  # One line: no traceback.
+    assert result.stderr.startswith(
+        "error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB): "
+        "lower --batch-size, or run fewer trials per GPU (--ntasks-per-gpu)"
+    )
+
+
+def test_gpu_out_of_memory_is_in_the_trials_log(out_of_memory):
+    _, trial_dir = out_of_memory
+    assert "ERROR error: the GPU ran out of memory" in (trial_dir / "train.log").read_text()
+
+
+def test_gpu_out_of_memory_keeps_the_last_checkpoint(out_of_memory, uninterrupted):
+    _, trial_dir = out_of_memory
+    assert (trial_dir / "checkpoint.pt").read_bytes() == (uninterrupted[1] / "checkpoint.pt").read_bytes()
+    assert sorted(p.name for p in trial_dir.iterdir()) == ["checkpoint.pt", "metrics.jsonl", "train.log"]
