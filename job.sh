@@ -3,7 +3,7 @@
 # one (or several) Oríon workers; all of them share one PickledDB database in $SCRATCH.
 #
 #   sbatch --array=1-10 job.sh [main.py arguments]     # 10 workers, one GPU each
-#   bash job.sh --epochs 1                               # no Slurm: try it on a workstation
+#   bash job.sh --epochs 1                               # no Slurm: a dry run, on a workstation
 #
 # Variants, settings (environment variables), what ends up where, and the steps below in
 # words: see README, "job.sh".
@@ -46,22 +46,34 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
     on_each_node=(env -u SLURM_NTASKS_PER_GPU
                   srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1)
     on_each_task=(srun)
+    dry_run=false
 else
-    # A temporary folder plays $SLURM_TMPDIR, ./scratch plays $SCRATCH.
+    # A dry run: a temporary folder plays $SLURM_TMPDIR (made in $TMPDIR), ./scratch plays
+    # $SCRATCH, and the search keeps to a folder of its own there (below).
     SLURM_TMPDIR="$(mktemp -d)"
     trap 'rm -rf "$SLURM_TMPDIR"' EXIT
     export SLURM_TMPDIR
     export SCRATCH="${SCRATCH:-$PWD/scratch}"
     on_each_node=()
     on_each_task=()
+    dry_run=true
 fi
 # $SLURM_TMPDIR (fast node-local disk, wiped after the job) is a site convention set by
 # the cluster's prolog, not stock Slurm: fail clearly where a cluster lacks it.
-: "${SLURM_TMPDIR:?is not set: this cluster has no per-job local folder; export SLURM_TMPDIR=/some/local/tmp}"
-: "${SCRATCH:?is not set: export SCRATCH=/a/shared/folder for the database and the trials}"
+if [[ -z "${SLURM_TMPDIR:-}" ]]; then
+    echo "error: \$SLURM_TMPDIR is not set: this cluster has no per-job local folder;" \
+        "export SLURM_TMPDIR=/some/local/tmp, then submit again" >&2
+    exit 1
+fi
+if [[ -z "${SCRATCH:-}" ]]; then
+    echo "error: \$SCRATCH is not set: export SCRATCH=/a/shared/folder of yours, which every node can" \
+        "write to, for the database and the trials; then submit again" >&2
+    exit 1
+fi
 export CIFAR10_ARCHIVE="${CIFAR10_ARCHIVE:-/network/datasets/cifar10/cifar-10-python.tar.gz}"
 export CIFAR10_URL="${CIFAR10_URL:-https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz}"
 export CIFAR10_MD5="c58f30108f718f92721af3b95e74349a"  # Published with the archive (and in torchvision).
+export CIFAR10_BYTES=170498071  # The official archive's size: the space to stage it (step 2).
 ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
 # The search's defaults follow from how many workers start together (the tasks of this job
 # times the jobs of the array); why these: README, "The search".
@@ -104,8 +116,19 @@ for argument in "$@"; do
     done
 done
 # The database and the trials of every search with this script. Named after the example,
-# not after $ORION_EXPERIMENT: the experiments share the one database.
-search_dir="$SCRATCH/orion-example"
+# not after $ORION_EXPERIMENT: the experiments share the one database. A dry run has its
+# own, whatever ORION_DB_ADDRESS says: it never touches the search that sbatch runs.
+if [[ "$dry_run" == true ]]; then
+    search_dir="$SCRATCH/orion-example-dry-run"
+    if [[ -n "${ORION_DB_ADDRESS:-}" && "$ORION_DB_ADDRESS" != "$search_dir/orion_db.pkl" ]]; then
+        echo "Dry run: ORION_DB_ADDRESS=$ORION_DB_ADDRESS is for jobs under Slurm; ignored"
+    fi
+    ORION_DB_ADDRESS="$search_dir/orion_db.pkl"
+    echo "Dry run (no Slurm): database and trials in $search_dir, apart from the search that" \
+        "sbatch runs ($SCRATCH/orion-example)"
+else
+    search_dir="$SCRATCH/orion-example"
+fi
 # Oríon reads these two in every command (hunt, info, plot, status), whatever the config says.
 export ORION_DB_TYPE=pickleddb
 export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
@@ -118,17 +141,45 @@ fi
 # The trials' folders (checkpoints, train.log) persist in $SCRATCH: a requeued or another
 # worker resumes an interrupted trial there. Without --working-dir, Oríon deletes them.
 trials_dir="$search_dir/$ORION_EXPERIMENT"
-mkdir -p "$trials_dir" "$(dirname "$ORION_DB_ADDRESS")"
+for folder in "$trials_dir" "$(dirname "$ORION_DB_ADDRESS")"; do
+    # Make it and write in it: a read-only folder can exist.
+    if ! problem=$( { mkdir -p "$folder" && probe=$(mktemp "$folder/.job.sh-write-test.XXXXXX") \
+                      && rm "$probe"; } 2>&1 ); then
+        where="\$SCRATCH=$SCRATCH must be a folder"
+        if [[ "$folder" != "$SCRATCH"/* ]]; then where="\$ORION_DB_ADDRESS=$ORION_DB_ADDRESS must be in a folder"; fi
+        echo "error: cannot write in $folder (${problem##*: }): $where of yours that every node can" \
+            "write to; export another, then submit again" >&2
+        exit 1
+    fi
+done
 
 # --- 2. Stage the data and the environment (once per node) -----------------------------
 # Trials then read CIFAR-10 from the node's local disk, never from the shared filesystem.
 # shellcheck disable=SC2317  # Run by `bash -c stage_node` below.
 stage_node() {
     set -euo pipefail
-    local data_dir="$SLURM_TMPDIR/data"
+    local data_dir="$SLURM_TMPDIR/data" archive_bytes=$CIFAR10_BYTES needed_mb free_mb advice
+    # The archive and its extracted files, about 2.1 x the archive (CIFAR-10: 171 + 186 MB).
+    if [[ -f "$CIFAR10_ARCHIVE" ]]; then
+        archive_bytes=$(stat --format=%s "$CIFAR10_ARCHIVE")
+    fi
+    needed_mb=$(( archive_bytes * 22 / 10 / 1000000 + 1 ))
+    free_mb=$(( $(df --output=avail --block-size=1000000 "$SLURM_TMPDIR" | tail -n 1) ))
+    if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+        advice="ask for nodes with more local disk (sbatch --tmp=${needed_mb}M, where the cluster sets it)"
+    else
+        advice="export TMPDIR=a folder with more space (this dry run's \$SLURM_TMPDIR is made there)"
+    fi
+    if (( free_mb < needed_mb )); then
+        echo "error: SLURM_TMPDIR=$SLURM_TMPDIR on $(hostname) has $free_mb MB free, and staging" \
+            "CIFAR-10 needs about $needed_mb MB (the archive and its extracted files): $advice" >&2
+        return 1
+    fi
+    local failed="error: staging CIFAR-10 in SLURM_TMPDIR=$SLURM_TMPDIR failed (above; it had $free_mb MB free"
+    failed+=" for about $needed_mb MB): $advice"
     mkdir -p "$data_dir"
     if [[ -f "$CIFAR10_ARCHIVE" ]]; then
-        cp "$CIFAR10_ARCHIVE" "$data_dir/cifar-10-python.tar.gz"
+        cp "$CIFAR10_ARCHIVE" "$data_dir/cifar-10-python.tar.gz" || { echo "$failed" >&2; return 1; }
     else
         echo "CIFAR10_ARCHIVE=$CIFAR10_ARCHIVE does not exist: downloading $CIFAR10_URL"
         if ! curl --fail --silent --show-error --location --retry 2 \
@@ -144,7 +195,8 @@ stage_node() {
         fi
     fi
     # Extract once here so that the trials don't each extract it.
-    tar --extract --gzip --file "$data_dir/cifar-10-python.tar.gz" --directory "$data_dir"
+    tar --extract --gzip --file "$data_dir/cifar-10-python.tar.gz" --directory "$data_dir" \
+        || { echo "$failed" >&2; return 1; }
     # Compute nodes have no internet: the uv cache must be warm (run `uv sync` once on a
     # login node). Synced here, once, before the workers start: concurrent syncs race.
     if ! uv sync --offline --locked --quiet; then
@@ -179,6 +231,16 @@ if ! python -c 'import sys, main; sys.argv[0] = "main.py"; main.parse_args()' "$
     echo "error: main.py refuses the arguments after job.sh (see above): correct them and submit again" >&2
     exit 2
 fi
+# What each trial runs: main.py with this job's arguments and the priors (Oríon replaces each
+# prior with a value).
+trial_command=(python main.py --checkpoint-dir '{trial.working_dir}' "$@" "${priors[@]}")
+# A malformed prior fails the hunt's start with a traceback, and an experiment that ran
+# before with other main.py arguments, priors or algorithm would go on, its trials mixed with
+# the old ones: refuse both, here. (A larger ORION_MAX_TRIALS extends a search; its algorithm
+# keeps the settings it started with, e.g. TPE's n_initial_points: `check-experiment` in
+# orion_tools.py prints them.)
+algorithm=$(python orion_tools.py check-experiment --database "$ORION_DB_ADDRESS" \
+    --experiment "$ORION_EXPERIMENT" --algorithm "$algorithm" -- "${trial_command[@]}")
 orion_config="$SLURM_TMPDIR/orion-config.yml"
 cat > "$orion_config" <<EOF
 experiment:
@@ -198,11 +260,17 @@ storage:
     database:
         type: pickleddb
         host: $ORION_DB_ADDRESS
+        # Seconds a worker waits for the database's lock (Oríon's default: 60). Above
+        # orion_tools.py's DATABASE_LOCK_LIFETIME, so a lock left by a killed worker is broken
+        # before anyone gives up (README, "Many workers on one database").
+        timeout: 120
 EOF
 
 # For `uv run orion info/plot` as written: see README, "Quick start".
 global_config="${XDG_CONFIG_HOME:-$HOME/.config}/orion.core/orion_config.yaml"
-if [[ ! -f "$global_config" ]]; then
+if [[ "$dry_run" == true ]]; then
+    :  # Step 7 says how to see a dry run's database.
+elif [[ ! -f "$global_config" ]]; then
     mkdir -p "$(dirname "$global_config")"
     printf 'storage:\n    database:\n        type: pickleddb\n        host: %s\n' "$ORION_DB_ADDRESS" > "$global_config"
     echo "Wrote $global_config: Oríon commands now read $ORION_DB_ADDRESS"
@@ -219,7 +287,7 @@ export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
 hunt=(
     "${on_each_task[@]}"
     python orion_tools.py hunt -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir"
-    python main.py --checkpoint-dir '{trial.working_dir}' "$@" "${priors[@]}"
+    "${trial_command[@]}"
 )
 # In the background, so that this script takes signals while they run (step 6). The output
 # also goes to a file, to count this job's broken trials (step 7).
@@ -269,6 +337,12 @@ if (( broken_trials > 0 )); then
             "cause (a broken trial's train.log), then remove them with: ORION_DB_TYPE=pickleddb" \
             "ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion db rm $ORION_EXPERIMENT --status broken --force" >&2
     fi
+# A trial killed with SIGKILL (out of host memory?) stopped its worker (orion_tools.py hunt);
+# the trial is `interrupted` and the next worker resumes it (README, "How a trial ends").
+elif (( hunt_status != 0 )) && grep -q "error: the trial was killed (SIGKILL" "$hunt_log"; then
+    echo "error: a trial of this job was killed (above); its worker stopped, and the trial resumes in" \
+        "the next job or worker. If it keeps happening: sacct -j ${SLURM_JOB_ID:-<job id>} --format=JobID,State,MaxRSS" >&2
+    verdict=1
 # An ASHA worker that waited idle_timeout for a rung to fill stops with `LazyWorkers`: its
 # job is done, not failed.
 elif (( hunt_status != 0 )) && grep -q "LazyWorkers" "$hunt_log"; then
@@ -285,5 +359,9 @@ if ! timeout 600 python orion_tools.py report --if-done --experiment "$ORION_EXP
     echo "warning: the search's report failed; make it again with: ORION_DB_ADDRESS=$ORION_DB_ADDRESS" \
         "uv run python orion_tools.py report --experiment $ORION_EXPERIMENT --trials-dir $trials_dir" >&2
     python orion_tools.py summary --experiment "$ORION_EXPERIMENT" --database "$ORION_DB_ADDRESS" || true
+fi
+if [[ "$dry_run" == true ]]; then
+    echo "Dry run: its trials are in $trials_dir, apart from the search that sbatch runs. See them with:" \
+        "ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS=$ORION_DB_ADDRESS uv run orion info -n $ORION_EXPERIMENT"
 fi
 exit "$verdict"

@@ -3,6 +3,8 @@
     python orion_tools.py hunt -n NAME --config FILE ... python main.py ...   # orion hunt, exact budget
     python orion_tools.py reclaim --experiment NAME --trials-dir DIR --job-id ID --since EPOCH
     python orion_tools.py check-database                       # refuse an emptied database, back it up
+    python orion_tools.py check-experiment --experiment NAME --algorithm YAML -- python main.py ...
+                                                  # refuse a bad prior, or a rerun with other settings
     python orion_tools.py summary [--experiment NAME]       # trials by status, best so far: 2 lines
     python orion_tools.py report [--experiment NAME] [--trials-dir DIR] [--output DIR] [--if-done]
 
@@ -18,16 +20,26 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
+import yaml
+
 import orion.core
 import orion.core.cli
+import orion.core.io.database.pickleddb
+from filelock import SoftFileLock
 from orion.client import get_experiment
-from orion.core.io.database import DuplicateKeyError
+from orion.core.io.database import DatabaseTimeout, DuplicateKeyError
+from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
+from orion.core.io.space_builder import SpaceBuilder
+from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
+from orion.core.worker.trial_pacemaker import TrialPacemaker
 from orion.core.utils.exceptions import NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
 
@@ -35,9 +47,37 @@ from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exception
 SLURM_JOB_LINE = re.compile(r"Running in Slurm job (\S+) on")
 
 
+# --- The database lock: what every subcommand gets -------------------------------------------
+# PickledDB locks its file for each read and write (well under a second each). Where the
+# filesystem has flock (ext4, GPFS, Lustre mounted with flock) the kernel releases the lock of
+# a process that dies. Elsewhere (NFS, tmpfs, XFS, Lustre without flock) Oríon uses a
+# SoftFileLock: a marker file, `orion_db.pkl.lock`, that exists while a process holds the
+# lock. A worker SIGKILLed while holding it (Slurm does so on preemption, node failure and
+# after the grace time) leaves the marker behind; filelock only judges it stale when it was
+# written on this host by a process that is gone, so a marker from another node stopped every
+# worker, for good. Here, the next process that waits for a marker older than
+# DATABASE_LOCK_LIFETIME breaks it (see README, "Many workers on one database").
+DATABASE_LOCK_LIFETIME = 30  # s; a thousand times the usual hold of the lock.
+# How long a process waits for the lock before Oríon's DatabaseTimeout: above the lifetime, so
+# that a stale marker is broken before anyone gives up. (Oríon's default is 60 s; job.sh puts
+# this value in the workers' configuration, `storage.database.timeout`.)
+DATABASE_LOCK_TIMEOUT = 120  # s
+
+ORIONS_CREATE_LOCK = orion.core.io.database.pickleddb._create_lock  # Before `main` replaces it.
+
+
+def lock_with_lifetime(path):
+    """Oríon's lock for the database file, a soft one breakable after DATABASE_LOCK_LIFETIME."""
+    lock = ORIONS_CREATE_LOCK(path)
+    if isinstance(lock, SoftFileLock):
+        lock.lifetime = DATABASE_LOCK_LIFETIME
+    return lock
+
+
 def storage(database: str) -> dict:
     """Oríon's storage configuration for a PickledDB file."""
-    return {"type": "legacy", "database": {"type": "pickleddb", "host": database}}
+    return {"type": "legacy",
+            "database": {"type": "pickleddb", "host": database, "timeout": DATABASE_LOCK_TIMEOUT}}
 
 
 def last_slurm_job(train_log: Path) -> str | None:
@@ -135,13 +175,68 @@ def done_within_budget(self) -> bool:
 
 
 
+# Three more faults that Oríon 0.2.7 does not handle in a worker:
+# - A DatabaseTimeout in the heartbeat thread ended that thread without a word, while the trial
+#   went on: 5 x ORION_HEARTBEAT later, another worker took the trial and ran it too.
+# - A trial killed with SIGKILL (the kernel's out-of-memory killer, `scancel --signal=KILL`)
+#   became `broken` and counted toward max_broken, like a failure of main.py itself. The cluster
+#   ended it, not main.py: it becomes `interrupted`, resumed later from its last checkpoint, and
+#   this worker stops (its job says why), so a configuration that always exhausts the host's
+#   memory costs each worker one try, not a loop. See README, "How a trial ends".
+# - After each trial, a worker waits for the algorithm's lock (a flag in the database, polled
+#   every second) to show the result to the algorithm, for at most 60 s, hard-coded; with 50
+#   workers or more on one PickledDB the wait can be longer, and the worker died of
+#   LockAcquisitionTimeout (benchmarks/db_stress.py; README, "Many workers on one database").
+ALGORITHM_LOCK_TIMEOUT = 600  # s
+
+
+def observe_patiently(self, trial) -> None:
+    """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock."""
+    with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
+        algorithm.observe([trial])
+
+
+ORIONS_MONITOR_TRIAL = TrialPacemaker._monitor_trial
+
+
+def monitor_trial_through_timeouts(self) -> None:
+    """Oríon's heartbeat of a running trial, which retries when the database stays locked."""
+    while not self.stopped.is_set():
+        try:
+            return ORIONS_MONITOR_TRIAL(self)
+        except DatabaseTimeout:
+            print(f"warning: the database stayed locked for {DATABASE_LOCK_TIMEOUT} s: heartbeat of trial "
+                  f"{self.trial.id} late; trying again", file=sys.stderr, flush=True)
+
+
+ORIONS_EXECUTE_PROCESS = Consumer.execute_process
+
+
+def execute_killed_as_interrupted(self, cmd_args, environ) -> None:
+    """Oríon's run of the trial's command, where a SIGKILL means `interrupted`, not `broken`."""
+    try:
+        ORIONS_EXECUTE_PROCESS(self, cmd_args, environ)
+    except ExecutionError as error:
+        if error.return_code != -signal.SIGKILL:
+            raise
+        print("error: the trial was killed (SIGKILL: out of host memory? `sacct -j $SLURM_JOB_ID` says); "
+              "it is marked interrupted and resumes later from its last checkpoint; this worker stops",
+              file=sys.stderr, flush=True)
+        # The exit status Oríon's runner takes for "interrupted": it then releases the trial
+        # as such and stops, as on Ctrl-C.
+        raise ExecutionError(orion.core.config.worker.interrupt_signal_code) from error
+
+
 def hunt(hunt_arguments: list[str]) -> int:
     """`orion hunt ARGUMENTS...` that runs exactly max_trials trials, whatever the number of workers.
 
     A worker with nothing left to run exits 0 at once.
     """
     Producer.produce = produce_within_budget
+    Producer.observe = observe_patiently
     Experiment.is_done = property(done_within_budget)
+    TrialPacemaker._monitor_trial = monitor_trial_through_timeouts
+    Consumer.execute_process = execute_killed_as_interrupted
     return orion.core.cli.main(["hunt", *hunt_arguments]) or 0
 
 
@@ -409,6 +504,135 @@ def check_database(args) -> int:
     return 0
 
 
+# --- check-experiment: one experiment, one set of settings ----------------------------------------
+# What Oríon 0.2.7 does otherwise, at the start of `orion hunt`: a malformed prior is a
+# traceback; an experiment run again with other main.py arguments or priors runs on after a
+# warning ("Running experiment in a different state"), its new trials mixed with the old ones;
+# another algorithm, or the same one configured otherwise (TPE's n_initial_points follows the
+# number of workers in job.sh), stops every worker with a traceback ("Algorithm configuration
+# changed since last experiment execution"). Oríon keeps the experiment's trial command, priors
+# included, as given to `orion hunt`, in its metadata (`user_args`).
+
+
+def prior_problem(trial_command: list[str]) -> str | None:
+    """The first prior of the trial command that Oríon cannot build, and why (None: all good)."""
+    parser = OrionCmdlineParser(allow_non_existing_files=True)
+    try:
+        parser.parse(trial_command)
+    except Exception as error:
+        return f"Oríon cannot read the priors of `{shlex.join(trial_command)}`: {type(error).__name__}: {error}"
+    if not parser.priors:
+        return "no prior at all: job.sh's `priors` (step 1) must name at least one"
+    for name, expression in parser.priors.items():
+        try:
+            SpaceBuilder().build({name: expression})  # What `orion hunt` does with each prior.
+        except Exception as error:
+            # Oríon's TypeErrors start with "Parameter '/name': " and may go on with scipy's docs.
+            reason = re.split(r"\n(?:Scipy Docs|Provided)", str(error))[0].removeprefix(f"Parameter '{name}': ")
+            if not isinstance(error, TypeError):
+                reason = f"{type(error).__name__}: {reason}"
+            reason = " ".join(reason.split()).rstrip(".")
+            return f"the prior --{name.lstrip('/')}~'{expression}' is not valid: {reason}"
+    return None
+
+
+def split_priors(trial_command: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(the arguments that are not priors, {'--name': 'prior'}), as Oríon tells them apart."""
+    arguments, priors = [], {}
+    for argument in trial_command:
+        name, tilde, prior = argument.partition("~")
+        # Oríon's rule (OrionCmdlineParser._replace_priors): `-name~prior`, but `~/` is a path.
+        if argument.startswith("-") and tilde and prior and not prior.startswith("/"):
+            priors[name] = prior
+        else:
+            arguments.append(argument)
+    return arguments, priors
+
+
+def main_py_arguments(arguments: list[str]) -> list[str]:
+    """The arguments after the script, without the `--checkpoint-dir {trial.working_dir}` job.sh adds."""
+    script = next((i for i, argument in enumerate(arguments) if argument.endswith(".py")), -1)
+    shown = arguments[script + 1:]
+    for i in range(len(shown) - 1):
+        if "{trial." in shown[i + 1]:
+            return shown[:i] + shown[i + 2:]
+    return shown
+
+
+def settings_differences(stored_command, stored_algorithm, trial_command, algorithm) -> list[str]:
+    """What differs between the experiment's settings and this job's, one phrase each."""
+    def quoted(arguments):
+        return f"`{shlex.join(arguments)}`" if arguments else "none"
+
+    if stored_command is None:
+        return ["no trial command: it was not started by job.sh"]
+    differences = []
+    (stored_arguments, stored_priors), (arguments, priors) = split_priors(stored_command), split_priors(trial_command)
+    if stored_arguments != arguments:
+        was, now = main_py_arguments(stored_arguments), main_py_arguments(arguments)
+        if was == now:  # Another script or interpreter: show all.
+            was, now = stored_arguments, arguments
+        differences.append(f"main.py arguments: was {quoted(was)}, now {quoted(now)}")
+    changed = [name for name in {**stored_priors, **priors} if stored_priors.get(name) != priors.get(name)]
+    if changed:
+        differences.append("search space: " + ", ".join(
+            f"{name} was {stored_priors.get(name, 'not searched')}, now {priors.get(name, 'not searched')}"
+            for name in changed))
+    if stored_algorithm != algorithm:
+        differences.append(f"algorithm: was {stored_algorithm}, now {algorithm}")
+    return differences
+
+
+def check_experiment(args) -> int:
+    """Refuses a malformed prior, or an experiment rerun with other settings; prints its algorithm.
+
+    The settings are main.py's arguments, the priors, and the algorithm's name. The budget
+    (max_trials) may change: that extends the search. The algorithm's other settings may too
+    (TPE's n_initial_points follows the number of workers): the experiment keeps its own, and
+    the configuration to give Oríon is printed on stdout, as one line of YAML: the stored one
+    for an experiment that exists, else --algorithm's.
+    """
+    problem = prior_problem(args.trial_command)
+    if problem:
+        print(f"error: {problem}; correct it in job.sh's `priors` (step 1; Oríon's priors: "
+              "https://orion.readthedocs.io/en/stable/user/searchspace.html)", file=sys.stderr)
+        return 1
+    algorithm = yaml.safe_load(args.algorithm)
+    [algorithm_name] = algorithm  # {name: {setting: value}}
+    database = Path(args.database)
+    try:
+        if not database.is_file():  # A new search (reading would create the file).
+            raise NoConfigurationError(args.experiment)
+        experiment = get_experiment(args.experiment, mode="r", storage=storage(args.database))
+    except NoConfigurationError:
+        print(one_line_yaml(algorithm))
+        return 0
+    stored_command = experiment.configuration["metadata"].get("user_args")  # None: not made by `orion hunt`.
+    lock = experiment.storage.get_algorithm_lock_info(uid=experiment.id)
+    # The algorithm's state was saved with this configuration: Oríon resumes it with no other.
+    stored_algorithm = lock.configuration if lock is not None else experiment.configuration["algorithm"]
+    [stored_algorithm_name] = stored_algorithm
+    differences = settings_differences(stored_command, stored_algorithm_name, args.trial_command, algorithm_name)
+    if differences:
+        print(f"error: experiment {args.experiment} in {args.database} was started with other settings "
+              f"({'; '.join(differences)}): for a new search, export ORION_EXPERIMENT=<a new name>; to "
+              "continue this one, run job.sh with its original settings", file=sys.stderr)
+        return 1
+    kept = {name: value for name, value in stored_algorithm[stored_algorithm_name].items()
+            if name in algorithm[algorithm_name] and algorithm[algorithm_name][name] != value}
+    if kept:
+        print(f"Experiment {args.experiment} continues with its algorithm's own settings: "
+              + ", ".join(f"{name} {value} (this job's: {algorithm[algorithm_name][name]})"
+                          for name, value in kept.items()), file=sys.stderr)
+    print(one_line_yaml(stored_algorithm))
+    return 0
+
+
+def one_line_yaml(configuration: dict) -> str:
+    """One line of YAML, for `algorithm:` in Oríon's configuration (not JSON: ASHA's repetitions is inf)."""
+    return yaml.safe_dump(configuration, default_flow_style=True, width=float("inf")).strip()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line: a subparser per subcommand, which names its function in `run`."""
     common = argparse.ArgumentParser(add_help=False)
@@ -429,6 +653,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     command = subcommands.add_parser("check-database", parents=[common], help=check_database.__doc__.split("\n")[0])
     command.set_defaults(run=check_database)
 
+    command = subcommands.add_parser("check-experiment", parents=[common],
+                                     help=check_experiment.__doc__.split("\n")[0])
+    command.set_defaults(run=check_experiment)
+    command.add_argument("--experiment", required=True, help="the experiment's name")
+    command.add_argument("--algorithm", required=True,
+                         help="the algorithm this job would configure, as YAML: 'tpe: {seed: null}'")
+    command.add_argument("trial_command", nargs="+", metavar="-- python main.py ...",
+                         help="the trial command given to `orion hunt`, priors included")
+
     reading = argparse.ArgumentParser(add_help=False, parents=[common])
     reading.add_argument("--experiment", default=os.environ.get("ORION_EXPERIMENT", "orion-example"),
                          help="the experiment's name (default: $ORION_EXPERIMENT, or orion-example)")
@@ -448,6 +681,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    orion.core.io.database.pickleddb._create_lock = lock_with_lifetime
     if argv[:1] == ["hunt"]:  # argparse would take `orion hunt`'s options as its own.
         return hunt(argv[1:])
     args = parse_args(argv)

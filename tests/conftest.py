@@ -133,8 +133,9 @@ def job_env(tmp_path):
     return make_job_env(tmp_path)
 
 
-def database(env) -> str:
-    return f"{env['SCRATCH']}/orion-example/orion_db.pkl"
+def database(env, dry_run: bool = False) -> str:
+    """job.sh's database: of the search under Slurm, or (dry_run) of `bash job.sh` without Slurm."""
+    return f"{env['SCRATCH']}/orion-example{'-dry-run' if dry_run else ''}/orion_db.pkl"
 
 
 def job_environment(job_env: dict, base: dict | None = None, **extra_env) -> dict:
@@ -142,9 +143,9 @@ def job_environment(job_env: dict, base: dict | None = None, **extra_env) -> dic
     return {**(base if base is not None else clean_env()), **{k: str(v) for k, v in {**job_env, **extra_env}.items()}}
 
 
-def trials_dir(job_env: dict) -> Path:
-    """Where job.sh keeps the trials' folders of the default experiment."""
-    return Path(job_env["SCRATCH"]) / "orion-example" / "orion-example"
+def trials_dir(job_env: dict, dry_run: bool = False) -> Path:
+    """Where job.sh keeps the trials' folders of the default experiment (dry_run: without Slurm)."""
+    return Path(job_env["SCRATCH"]) / f"orion-example{'-dry-run' if dry_run else ''}" / "orion-example"
 
 
 def submit(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env) -> subprocess.Popen:

@@ -7,20 +7,30 @@ With --checkpoint-dir DIR --epochs N it also trains "epochs" as main.py does: it
 made-up record per epoch to DIR/metrics.jsonl (main.py's format), keeping the records already
 there (a resumed trial, or an ASHA promotion that starts in a copy of its parent's folder),
 and reports 1 - the last epoch's validation accuracy.
+
+With --record FILE it appends one JSON line to FILE per run, once the objective is written:
+{"trial": $ORION_TRIAL_ID, "pid": the worker's pid (os.getppid(): Oríon's singleexecutor
+starts the trial from the worker process itself), "host", "start", "end" (time.time() at the
+script's start and end)}, in a single write to a file opened with O_APPEND, so that the lines
+of concurrent runs never interleave (benchmarks/db_stress.py counts the runs of each trial).
 """
 
 import argparse
 import json
 import math
 import os
+import socket
 import time
 from pathlib import Path
+
+started = time.time()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--learning-rate", type=float, required=True)
 parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--checkpoint-dir", type=Path)
 parser.add_argument("--epochs", type=int)
+parser.add_argument("--record", type=Path, help="append one JSON line per run to this file (see above)")
 args = parser.parse_args()
 time.sleep(args.sleep)
 distance = abs(math.log10(args.learning_rate) + 3)  # Best at 1e-3.
@@ -47,3 +57,11 @@ if args.checkpoint_dir is not None and args.epochs is not None:
 with open(os.environ["ORION_RESULTS_PATH"], "w") as file:
     json.dump([{"name": "objective", "type": "objective", "value": objective}], file)
 print(f"Objective (1 - validation accuracy): {objective:.4f}")
+if args.record is not None:
+    record = {"trial": os.environ.get("ORION_TRIAL_ID"), "pid": os.getppid(), "host": socket.gethostname(),
+              "start": started, "end": time.time()}
+    fd = os.open(args.record, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())  # One write: concurrent lines don't interleave.
+    finally:
+        os.close(fd)

@@ -68,3 +68,23 @@ def test_main_writes_the_same_results_file_as_orion_client(tmp_path):
                                 text=True, env=clean_env(ORION_RESULTS_PATH=files[name]), timeout=300)
         assert result.returncode == 0, result.stderr
     assert files["main"].read_bytes() == files["orion"].read_bytes()
+
+
+def test_info_of_an_unknown_experiment_is_one_error_line(tmp_path):
+    env = clean_env(HOME=tmp_path, ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion.pkl")
+    hunt = orion("hunt", "-n", "other", "--max-trials", "1", "--working-dir", tmp_path / "trials",
+                 "python", REPO_ROOT / "tests" / "standin_trial.py", "--learning-rate~loguniform(1e-5, 1)", env=env)
+    assert hunt.returncode == 0, hunt.stdout + hunt.stderr
+    info = orion("info", "-n", "does-not-exist", env=env)
+    assert info.returncode == 1
+    assert ("Error: No experiment with given name 'does-not-exist' and version '*' inside database, "
+            "no view can be created.") in info.stderr.splitlines()
+    assert "Traceback" not in info.stderr
+
+
+def test_orion_list_names_the_experiments_there_are(tmp_path):
+    """What the README says to run when `orion info -n NAME` knows no NAME."""
+    env = clean_env(HOME=tmp_path, ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion.pkl")
+    orion("hunt", "-n", "other", "--max-trials", "1", "--working-dir", tmp_path / "trials",
+          "python", REPO_ROOT / "tests" / "standin_trial.py", "--learning-rate~loguniform(1e-5, 1)", env=env)
+    assert orion("list", env=env).stdout.split() == ["other-v1"]

@@ -1,0 +1,559 @@
+"""Database stress: N concurrent `orion hunt` workers on ONE PickledDB file, for each lock kind.
+
+The README launches up to 50 workers (10 Slurm tasks x 5 per GPU) on one PickledDB file, the
+ceiling Oríon itself states. Each row starts N workers at once, exactly as job.sh runs them:
+
+    python orion_tools.py hunt -n db-stress --config CONFIG --working-dir DIR \\
+        python tests/standin_trial.py --sleep 1 --record RUNS.jsonl --learning-rate~'loguniform(1e-5, 1.0)'
+
+with ORION_DB_TYPE=pickleddb, ORION_DB_ADDRESS=<the row's own database file>, ORION_HEARTBEAT=30
+(job.sh's), and the random algorithm, max_trials = trials per worker x N (at least 10),
+`worker: {executor: singleexecutor, idle_timeout: 600}` (tests/test_orion_tools.py's budget
+test). The trial is the light stand-in: it sleeps --sleep seconds and reports an objective, so
+that the database, not the trials, is what is loaded: 1 s is some 300 times shorter than a real
+trial (minutes), i.e. each worker comes back to the database hundreds of times more often than
+in a real search, yet long enough for trials to overlap, so that many workers reserve, complete
+and ask for the next trial at the same moments. Per row, from the database (orion.client, after
+the workers exit), the stand-in's record of every run (tests/standin_trial.py --record: trial id,
+worker pid, start, end) and each worker's output file (kept, with the database, when a row has
+a problem):
+
+- completed; lost (not completed nor broken at the end: new, reserved, interrupted...); run twice
+  (a trial id with more than one run; `run_twice_at_once` in the JSON: two runs of one id
+  overlapping); broken; lock timeouts (`Could not acquire lock for PickledDB`, the file lock, in
+  the workers' output; the JSON also counts `DatabaseTimeout`); algo lock timeouts (a worker
+  that died of `LockAcquisitionTimeout`: it waited 60 s for the experiment's algorithm lock, a
+  flag in the database that Oríon polls every second and takes after every trial, in
+  `Producer.observe`); workers exiting non-zero. All of these but completed should be 0.
+- trials/s: completed / wall (first worker started -> last worker exited); trials/s running:
+  runs / (the first run's start -> the last run's end), without the workers' start and exit;
+- wait p50/p99: the time a worker waits for a trial: per worker, its start -> its first run
+  (first trial p50: importing Oríon on a loaded machine, then the lock), and each run's end ->
+  its next run's start (between: Oríon's bookkeeping, the locks, starting the trial's process);
+- RSS of the largest worker, PSS of all workers together (their trials not counted), sampled.
+
+Oríon picks the lock from the database's filesystem (orion.core.io.database.pickleddb._create_lock):
+FileLock (flock; filelock names it UnixFileLock) on ext2-4/GPFS/Lustre with flock, SoftFileLock
+(a marker file, polled) on NFS, tmpfs and the rest. --db-roots names one folder per lock kind
+(default: the temporary folder, ext4 here -> FileLock, and /dev/shm, tmpfs -> SoftFileLock);
+each row prints the lock class Oríon creates there. Rows interleave the lock kinds, so that a
+shared machine's load hits both alike.
+
+Memory: Oríon's CLI imports every subcommand's module, `orion serve`'s too, which imports torch
+(orion.benchmark.task.profet): each `orion hunt` worker holds ~430 MiB (PSS; 800 MiB RSS), 100
+of them ~43 GB. A row starts only if its workers fit in 80 % of MemAvailable (as measured in
+the rows before); --without-torch (a stub `torch` that fails to import, first on the workers'
+PYTHONPATH; the database traffic is the same) brings a worker to ~145 MiB PSS (210 RSS).
+
+    uv run python benchmarks/db_stress.py [--quick] [--workers 1 10 25 50 100] [--trials-per-worker 4]
+        [--sleep 1] [--db-roots /tmp /dev/shm] [--without-torch] [--json FILE] [--markdown] [--keep]
+
+Result (2 CPU cores, AMD EPYC, 24 GB; shared with other test runs, load average 5.5 at the start;
+Oríon 0.2.7, `--without-torch --json /tmp/db_stress.json`, 22 min): every row completed its
+budget exactly: no trial lost, run twice or broken, and no file-lock timeout (Oríon's 60 s),
+with either lock, up to 100 workers. Throughput peaks at 10 workers (FileLock 2.2 trials/s,
+SoftFileLock 1.6) and falls beyond (25: 1.4-1.6, 50: 1.1-1.4, 100: 1.05), while the wait for a
+trial grows (p50 0.1-0.9 s at 10 workers, 5-7 s at 25, 15-23 s at 50, 50 s at 100; p99 up to
+88 s at 50 and 177 s at 100). What breaks first is the algorithm lock: at 50 workers 3
+(FileLock) and 1 (SoftFileLock) of the 50 workers died of LockAcquisitionTimeout after
+completing a trial, at 100 workers 50 and 58 of the 100 (the others ran the budget to the end).
+On these 2 cores the CPU (each database operation unpickles and pickles the whole file, and
+every waiting worker polls the algorithm lock once a second) saturates along with the lock.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import common
+
+import orion_tools  # After common: it puts the repo root on sys.path.
+from orion.client import get_experiment
+from orion.core.io.database.pickleddb import _create_lock
+
+STANDIN_TRIAL = common.REPO_ROOT / "tests" / "standin_trial.py"
+EXPERIMENT = "db-stress"
+LOCK_TIMEOUT_MESSAGE = "Could not acquire lock for PickledDB"
+# The last line of the traceback of a worker that waited 60 s for the experiment's algorithm lock
+# (a flag in the database, polled every second; Oríon's `Producer.observe` after every trial,
+# not configurable) and died of it. (A worker that waits for it to *produce* a trial skips it.)
+ALGORITHM_LOCK_TIMEOUT_LINE = "orion.storage.base.LockAcquisitionTimeout"
+HEARTBEAT = 30  # job.sh's ORION_HEARTBEAT.
+DEFAULT_WORKERS = [1, 10, 25, 50, 100]
+QUICK_WORKERS = [1, 5]
+# The folder of each lock kind: ext4 here (FileLock) and tmpfs (SoftFileLock).
+DEFAULT_DB_ROOTS = [Path(tempfile.gettempdir()), Path("/dev/shm")]
+# Until a row has been measured: the memory (PSS) of one hunt worker, MiB. Oríon's CLI imports
+# every subcommand's module, `orion serve`'s too, which imports torch (through
+# orion.benchmark.task.profet): ~430 MiB each; ~200 without torch (--without-torch).
+WORKER_MIB_GUESS = {True: 450, False: 200}  # Keyed by: the workers import torch.
+MEMORY_FRACTION = 0.8  # A row starts only if its workers' estimated memory fits in this share of MemAvailable.
+
+
+def lock_class(db_path: Path) -> str:
+    """The lock class Oríon creates for this database file: 'UnixFileLock' (filelock's FileLock) or 'SoftFileLock'."""
+    return type(_create_lock(str(db_path) + ".lock")).__name__
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (ext4, tmpfs, nfs...), from /proc/mounts."""
+    path = os.path.realpath(path)
+    best = ("", "?")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best[0]):
+            best = (mount, fstype)
+    return best[1]
+
+
+def write_config(folder: Path, budget: int) -> Path:
+    config = folder / "orion-config.yml"
+    config.write_text(
+        f"experiment:\n  algorithm:\n    random:\n      seed: 1\n  max_trials: {budget}\n"
+        # Oríon's LazyWorkers wait, far beyond the run: a spare worker exits at once anyway (orion_tools.py hunt).
+        "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n"
+    )
+    return config
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen
+    log: Path
+    started: float  # time.time() just before it was started.
+    ended: float | None = None  # When it was seen to have exited.
+    returncode: int | None = None
+    peak_rss_mib: float = 0.0
+
+
+@dataclass
+class Row:
+    """One run of N workers on one database: where, and what happened."""
+
+    folder: Path
+    workers: list = field(default_factory=list)
+
+    @property
+    def db(self) -> Path:
+        return self.folder / "orion_db.pkl"
+
+    @property
+    def runs_file(self) -> Path:
+        return self.folder / "runs.jsonl"
+
+
+def start_workers(folder: Path, n_workers: int, budget: int, sleep: float, without_torch: bool = False) -> Row:
+    """Starts `n_workers` `orion_tools.py hunt` workers on folder/orion_db.pkl, as job.sh does.
+
+    without_torch: `import torch` fails in the workers (a stub package first on their
+    PYTHONPATH), which Oríon's CLI then skips: see --without-torch.
+    """
+    row = Row(Path(folder))
+    row.folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(row.folder, budget)
+    env = common.child_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=row.db, ORION_HEARTBEAT=HEARTBEAT)
+    if without_torch:
+        stub = row.folder / "without-torch"
+        (stub / "torch").mkdir(parents=True, exist_ok=True)
+        (stub / "torch" / "__init__.py").write_text(
+            'raise ImportError("torch is blocked in this worker by benchmarks/db_stress.py --without-torch")\n')
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub), env.get("PYTHONPATH")]))
+    # --working-dir as in job.sh: without it each worker makes a temporary folder for the
+    # trials and deletes it when it exits, under the trials the other workers still run.
+    command = [sys.executable, "orion_tools.py", "hunt", "-n", EXPERIMENT, "--config", str(config),
+               "--working-dir", str(row.folder / "trials"),
+               sys.executable, str(STANDIN_TRIAL), "--sleep", str(sleep), "--record", str(row.runs_file),
+               "--learning-rate~loguniform(1e-5, 1.0)"]
+    for i in range(n_workers):
+        log = row.folder / f"worker-{i}.log"
+        with open(log, "w") as output:  # Its own file, never an unread pipe.
+            started = time.time()
+            # Its own session: a worker left at the deadline is killed with its trial (its process group).
+            process = subprocess.Popen(command, cwd=common.REPO_ROOT, env=env, stdout=output,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        row.workers.append(Worker(process, log, started))
+    return row
+
+
+def memory_of(pid: int) -> tuple:
+    """(RSS, PSS) of a live process in MiB, from /proc/PID/smaps_rollup; (0, 0) once it is gone."""
+    values = {}
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss"):
+                values[key] = int(rest.split()[0]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return values.get("Rss", 0.0), values.get("Pss", 0.0)
+
+
+def kill_workers(workers: list) -> None:
+    """SIGKILLs these workers' process groups (each worker and its trial), and waits for them."""
+    for worker in workers:
+        try:
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        worker.process.wait()
+        if worker.ended is None:
+            worker.ended, worker.returncode = time.time(), worker.process.returncode
+
+
+def wait_for_workers(row: Row, timeout: float, memory_every: float = 2.0) -> float:
+    """Waits for every worker (killing those left after `timeout` s); returns the peak PSS of all, MiB.
+
+    Interrupted (Ctrl-C, or SIGTERM: see `main`), it kills the workers left before it stops.
+    """
+    try:
+        return _wait_for_workers(row, timeout, memory_every)
+    except BaseException:
+        kill_workers([worker for worker in row.workers if worker.ended is None])
+        raise
+
+
+def _wait_for_workers(row: Row, timeout: float, memory_every: float) -> float:
+    deadline = time.time() + timeout
+    peak_pss = 0.0
+    next_sample = 0.0
+    while True:
+        live = []
+        for worker in row.workers:
+            if worker.ended is None and worker.process.poll() is not None:
+                worker.ended, worker.returncode = time.time(), worker.process.returncode
+            if worker.ended is None:
+                live.append(worker)
+        if not live:
+            return peak_pss
+        if time.time() >= next_sample:
+            total = 0.0
+            for worker in live:
+                rss, pss = memory_of(worker.process.pid)
+                worker.peak_rss_mib = max(worker.peak_rss_mib, rss)
+                total += pss
+            peak_pss = max(peak_pss, total)
+            next_sample = time.time() + memory_every
+        if time.time() >= deadline:
+            print(f"  {len(live)} worker(s) still running after {timeout:.0f} s: killed", flush=True)
+            kill_workers(live)
+            return peak_pss
+        time.sleep(0.2)
+
+
+def read_runs(runs_file: Path) -> list:
+    if not runs_file.exists():
+        return []
+    return [json.loads(line) for line in runs_file.read_text().splitlines() if line.strip()]
+
+
+def percentile(values: list, q: float) -> float | None:
+    """The q-th percentile (0-100) of `values`, interpolated linearly (numpy's default); None if empty."""
+    values = sorted(values)
+    if not values:
+        return None
+    position = (len(values) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (position - low)
+
+
+def waits_of(row: Row, runs: list) -> tuple:
+    """(every wait for a trial, every worker start -> its first run, every run's end -> the same
+    worker's next run), seconds: see the docstring. The first list is the other two together."""
+    started = {worker.process.pid: worker.started for worker in row.workers}
+    by_worker = {}
+    for run in runs:
+        by_worker.setdefault(run["pid"], []).append(run)
+    first, between = [], []
+    for pid, worker_runs in by_worker.items():
+        if pid not in started:
+            continue  # Not one of our workers' (counted as `foreign runs`).
+        worker_runs.sort(key=lambda run: run["start"])
+        first.append(worker_runs[0]["start"] - started[pid])
+        between += [after["start"] - before["end"] for before, after in zip(worker_runs, worker_runs[1:])]
+    return first + between, first, between
+
+
+def runs_twice(runs: list) -> tuple:
+    """(trial ids run more than once, trial ids with two runs overlapping in time)."""
+    by_trial = {}
+    for run in runs:
+        by_trial.setdefault(run["trial"], []).append(run)
+    twice = [trial for trial, trial_runs in by_trial.items() if len(trial_runs) > 1]
+    at_once = []
+    for trial in twice:
+        trial_runs = sorted(by_trial[trial], key=lambda run: run["start"])
+        if any(after["start"] < before["end"] for before, after in zip(trial_runs, trial_runs[1:])):
+            at_once.append(trial)
+    return twice, at_once
+
+
+def count_in_logs(row: Row, text: str) -> int:
+    return sum(worker.log.read_text(errors="replace").count(text) for worker in row.workers)
+
+
+def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
+    """The row's figures, from the database, the runs' records and the workers' output."""
+    trials = get_experiment(EXPERIMENT, storage=orion_tools.storage(str(row.db))).fetch_trials()
+    statuses = [trial.status for trial in trials]
+    ids = {trial.id for trial in trials}
+    runs = read_runs(row.runs_file)
+    twice, at_once = runs_twice(runs)
+    waits, first, between = waits_of(row, runs)
+    completed = statuses.count("completed")
+    first_start = min(worker.started for worker in row.workers)
+    last_exit = max(worker.ended for worker in row.workers)
+    wall = last_exit - first_start
+    # Without the workers' start-up and exit: the first run's start -> the last run's end.
+    running = max((run["end"] for run in runs), default=0) - min((run["start"] for run in runs), default=0)
+    pids = {worker.process.pid for worker in row.workers}
+    return {
+        "workers": len(row.workers),
+        "budget": budget,
+        "trials": len(trials),
+        "completed": completed,
+        "lost": sum(status not in ("completed", "broken") for status in statuses),
+        "statuses": {status: statuses.count(status) for status in sorted(set(statuses))},
+        "run_twice": len(twice),
+        "run_twice_at_once": len(at_once),
+        "run_twice_ids": twice,
+        "runs": len(runs),
+        "runs_of_unknown_trials": sum(run["trial"] not in ids for run in runs),
+        "foreign_runs": sum(run["pid"] not in pids for run in runs),  # getppid() not one of our workers.
+        "completed_without_run": sum(trial.status == "completed" and trial.id not in {r["trial"] for r in runs}
+                                     for trial in trials),
+        "broken": statuses.count("broken"),
+        "lock_timeouts": count_in_logs(row, LOCK_TIMEOUT_MESSAGE),
+        "database_timeout_mentions": count_in_logs(row, "DatabaseTimeout"),
+        "algorithm_lock_timeouts": count_in_logs(row, ALGORITHM_LOCK_TIMEOUT_LINE),
+        "tracebacks": count_in_logs(row, "Traceback (most recent call last)"),
+        "workers_nonzero": sum(worker.returncode != 0 for worker in row.workers),
+        "exit_codes": sorted({worker.returncode for worker in row.workers}),
+        "trials_per_second": completed / wall if wall > 0 else None,
+        "running_trials_per_second": len(runs) / running if running > 0 else None,
+        "wait_p50": percentile(waits, 50),
+        "wait_p99": percentile(waits, 99),
+        "wait_max": max(waits, default=None),
+        "first_trial_p50": percentile(first, 50),
+        "between_p50": percentile(between, 50),
+        "between_p99": percentile(between, 99),
+        "wall_seconds": wall,
+        "peak_worker_rss_mib": max(worker.peak_rss_mib for worker in row.workers),
+        "peak_workers_pss_mib": peak_pss_mib,
+        "db_bytes": row.db.stat().st_size if row.db.exists() else None,
+    }
+
+
+def run_row(folder: Path, n_workers: int, trials_per_worker: int, sleep: float, timeout: float,
+            min_budget: int = 10, without_torch: bool = False) -> dict:
+    """Runs one row in `folder` (which must not hold a previous row) and returns its figures."""
+    budget = max(min_budget, trials_per_worker * n_workers)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = lock_class(folder / "orion_db.pkl")
+    load_before = os.getloadavg()[0]
+    row = start_workers(folder, n_workers, budget, sleep, without_torch)
+    peak_pss = wait_for_workers(row, timeout)
+    result = analyse(row, budget, peak_pss)
+    result.update(lock=lock, filesystem=filesystem_type(folder), folder=str(folder), sleep=sleep,
+                  workers_import_torch=not without_torch,
+                  load_before=load_before, load_after=os.getloadavg()[0])
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+COLUMNS = ["lock (filesystem)", "workers", "budget", "completed", "lost", "run twice", "broken", "lock timeouts",
+           "algo lock timeouts", "exit != 0", "trials/s", "trials/s running", "wait p50 s", "wait p99 s", "between p50 s",
+           "between p99 s", "first trial p50 s", "wall s", "RSS/worker MiB", "PSS all GiB"]
+
+
+def table_row(r: dict) -> list:
+    return [f"{r['lock']} ({r['filesystem']})", r["workers"], r["budget"], r["completed"], r["lost"],
+            r["run_twice"], r["broken"], r["lock_timeouts"],
+            r.get("algorithm_lock_timeouts", "-"), r["workers_nonzero"], r["trials_per_second"],
+            r["running_trials_per_second"], r["wait_p50"], r["wait_p99"], r["between_p50"], r["between_p99"],
+            r["first_trial_p50"], common.fmt(r["wall_seconds"], 1),
+            common.fmt(r["peak_worker_rss_mib"], 0), r["peak_workers_pss_mib"] / 1024]
+
+
+def problems(r: dict) -> list:
+    """What went wrong in a row (empty: nothing)."""
+    checks = [("completed", f"{r['completed']} of {r['budget']}" if r["completed"] != r["budget"] else 0),
+              ("lost", r["lost"]),
+              ("run twice", r["run_twice"]), ("broken", r["broken"]), ("lock timeouts", r["lock_timeouts"]),
+              ("DatabaseTimeout", r["database_timeout_mentions"]),
+              ("algorithm lock timeouts", r.get("algorithm_lock_timeouts")), ("workers exit != 0", r["workers_nonzero"]),
+              ("tracebacks", r["tracebacks"]), ("runs by unknown pids", r["foreign_runs"])]
+    return [f"{name}: {value}" for name, value in checks if value]
+
+
+def saturation(rows: list) -> list:
+    """Per lock kind: where trials/s stops growing with the workers (< 10 % more for more workers)."""
+    notes = []
+    for lock in dict.fromkeys(r["lock"] for r in rows):
+        mine = sorted((r for r in rows if r["lock"] == lock and r["trials_per_second"]), key=lambda r: r["workers"])
+        if len(mine) < 2:
+            continue
+        best = max(mine, key=lambda r: r["trials_per_second"])
+        last_growth = next((before for before, after in zip(mine, mine[1:])
+                            if after["trials_per_second"] < 1.1 * before["trials_per_second"]), None)
+        curve = ", ".join(f"{r['workers']}: {r['trials_per_second']:.2f}" for r in mine)
+        where = (f"no more than +10 % past {last_growth['workers']} workers" if last_growth
+                 else "still growing at the last row")
+        notes.append(f"{lock}: trials/s by workers {curve}; {where}; peak {best['trials_per_second']:.2f} "
+                     f"trials/s at {best['workers']} workers (without any overhead: workers / sleep)")
+    return notes
+
+
+def markdown(rows: list) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(common.fmt(c) for c in table_row(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def orion_tools_version() -> dict:
+    """Which orion_tools.py ran: its hash, the commit, and `git diff --stat orion_tools.py`."""
+    path = common.REPO_ROOT / "orion_tools.py"
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=common.REPO_ROOT, capture_output=True, text=True,
+                                  timeout=60).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "commit": git("rev-parse", "HEAD"),
+            "diff_stat": git("diff", "--stat", "orion_tools.py")}
+
+
+def lock_timeout() -> str:
+    """storage.database.timeout as orion_tools.storage() sets it (else Oríon's default, 60 s). Not
+    the workers': `orion hunt` takes its storage from its configuration and ORION_DB_* variables."""
+    timeout = orion_tools.storage("orion_db.pkl")["database"].get("timeout")
+    return f"{timeout} s" if timeout is not None else "Oríon's default, 60 s"
+
+
+def mem_available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    parser = common.argument_parser(__doc__)
+    parser.add_argument("--workers", type=int, nargs="+", help=f"concurrent workers of each row "
+                        f"(default {' '.join(map(str, DEFAULT_WORKERS))}; --quick: {' '.join(map(str, QUICK_WORKERS))})")
+    parser.add_argument("--trials-per-worker", type=int, default=None,
+                        help="budget = this x workers, at least 10 (default 4; --quick: 2)")
+    parser.add_argument("--sleep", type=float, default=1.0, help="seconds each stand-in trial sleeps (default 1)")
+    parser.add_argument("--db-roots", type=Path, nargs="+", default=DEFAULT_DB_ROOTS,
+                        help="one folder per lock kind, for the databases (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--markdown", action="store_true", help="also print the table in markdown")
+    parser.add_argument("--keep", action="store_true", help="keep each row's folder (database, logs, runs)")
+    parser.add_argument(
+        "--without-torch", action="store_true",
+        help="make `import torch` fail in the workers (a stub first on their PYTHONPATH): Oríon's CLI imports it "
+        "only for `orion serve` and skips it then; each worker holds ~200 MiB instead of ~430, so that 100 fit "
+        "in 24 GB. The database traffic is the same; the workers' start is shorter",
+    )
+    parser.set_defaults(timeout=1800)  # common's --timeout: here, seconds allowed to each row.
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, interrupted)  # Stops as Ctrl-C does: the workers are killed too.
+    workers = args.workers or (QUICK_WORKERS if args.quick else DEFAULT_WORKERS)
+    trials_per_worker = args.trials_per_worker or (2 if args.quick else 4)
+
+    common.print_header("Database stress: concurrent orion hunt workers on one PickledDB file", args)
+    version = orion_tools_version()
+    print(f"orion_tools.py: sha256 {version['sha256'][:12]}, commit {(version['commit'] or '?')[:12]}, "
+          f"uncommitted changes: {version['diff_stat'] or 'none'}", flush=True)
+    print(f"memory available: {mem_available_mib():,.0f} MiB", flush=True)
+
+    folders = []
+    for root in args.db_roots:
+        folder = Path(tempfile.mkdtemp(prefix="db-stress-", dir=root))
+        folders.append(folder)
+        print(f"databases in {folder}: {filesystem_type(folder)} -> Oríon's lock: {lock_class(folder / 'x.pkl')}",
+              flush=True)
+    with_torch = not args.without_torch
+    print(f"workers import torch: {'yes (as in job.sh)' if with_torch else 'no (--without-torch)'}", flush=True)
+    rows, skipped, worker_mib = [], [], WORKER_MIB_GUESS[with_torch]
+    started = time.time()
+    try:
+        for n in workers:
+            for folder in folders:
+                needed, available = n * worker_mib, mem_available_mib()
+                if needed > MEMORY_FRACTION * available:
+                    skip = (f"{n} workers, {lock_class(folder / 'x.pkl')}: skipped: ~{needed:,.0f} MiB needed "
+                            f"({worker_mib:.0f} MiB per worker, as measured), {available:,.0f} MiB available")
+                    print(skip, flush=True)
+                    skipped.append(skip)
+                    continue
+                print(f"{n} worker(s), {lock_class(folder / 'x.pkl')} ({filesystem_type(folder)}), "
+                      f"budget {max(10, trials_per_worker * n)} ...", flush=True)
+                result = run_row(folder / f"{n}-workers", n, trials_per_worker, args.sleep, args.timeout,
+                                 without_torch=args.without_torch)
+                rows.append(result)
+                if result["peak_workers_pss_mib"]:  # Sampled: may miss the peak; never below half the guess.
+                    worker_mib = max(WORKER_MIB_GUESS[with_torch] / 2, result["peak_workers_pss_mib"] / n)
+                print(f"  {result['completed']}/{result['budget']} completed in {result['wall_seconds']:.1f} s, "
+                      f"{common.fmt(result['trials_per_second'])} trials/s, wait p50 {common.fmt(result['wait_p50'])} s "
+                      f"p99 {common.fmt(result['wait_p99'])} s; load {result['load_before']:.1f} -> "
+                      f"{result['load_after']:.1f}; problems: {', '.join(problems(result)) or 'none'}", flush=True)
+                if problems(result):
+                    print(f"  see the workers' output in {folder / f'{n}-workers'} (kept)", flush=True)
+                    args.keep = True
+    finally:
+        if not args.keep:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+    elapsed = time.time() - started
+
+    notes = [
+        f"sleep {args.sleep} s per trial; budget {trials_per_worker} trials per worker (at least 10); "
+        f"ORION_HEARTBEAT={HEARTBEAT}; the workers' lock timeout: Oríon's default, 60 s (their configuration sets no "
+        f"storage.database.timeout; orion_tools.storage()'s, for other subcommands: {lock_timeout()}); "
+        f"workers import torch: {'yes' if with_torch else 'no (--without-torch)'}",
+        "lost: not completed nor broken at the end; run twice: a trial id run more than once (stand-in records)",
+        "wait: per worker, its start -> its first run (first trial) and each run's end -> its next run's start "
+        "(between); trials/s running: runs / (first run's start -> last run's end)",
+        "RSS/worker: the largest worker's peak (sampled every 2 s); PSS all: all workers together, their trials not counted",
+        *saturation(rows),
+        *skipped,
+        f"all rows: {elapsed:.0f} s",
+    ]
+    common.print_table("Database stress", COLUMNS, [table_row(r) for r in rows], notes)
+    bad = [f"{r['workers']} workers, {r['lock']}: {', '.join(problems(r))}" for r in rows if problems(r)]
+    print("problems: " + ("; ".join(bad) if bad else "none"), flush=True)
+    if args.markdown:
+        print()
+        print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": socket.gethostname(),
+            "machine": f"{common.cpu_model()}, {common.cpu_count()} CPUs", "sleep": args.sleep,
+            "trials_per_worker": trials_per_worker, "heartbeat": HEARTBEAT, "orion_tools": version,
+            "workers_import_torch": with_torch, "lock_timeout": lock_timeout(), "seconds": elapsed, "rows": rows, "skipped": skipped,
+        }, indent=1))
+        print(f"wrote {args.json}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
