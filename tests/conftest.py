@@ -1,5 +1,6 @@
 """Shared fixtures: the generated CIFAR-10 look-alike and helpers to run main.py and Oríon."""
 
+import importlib.util
 import os
 import json
 import pickle
@@ -16,6 +17,8 @@ from cifar10_lookalike import write_cifar10_archive, write_cifar10_lookalike
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PY = REPO_ROOT / "main.py"
 README = REPO_ROOT / "README.md"
+# A light stand-in for main.py, for tests of the search machinery (see its docstring).
+STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
 # The human line main.py logs per epoch (other tools parse it); everything else that tests
 # check about an epoch comes from the trial's metrics.jsonl (`read_metrics`).
 EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
@@ -30,6 +33,18 @@ def cifar_data_dir(tmp_path_factory) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
     write_cifar10_lookalike(data_dir, images_per_batch=IMAGES_PER_BATCH)
     return data_dir
+
+
+def import_benchmark(script: Path):
+    """A script of benchmarks/ as a module, as it imports its neighbours (`import common`)."""
+    benchmarks = str(REPO_ROOT / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # Its dataclasses look their module up there.
+    spec.loader.exec_module(module)
+    return module
 
 
 def clean_env(**overrides) -> dict:

@@ -5,7 +5,6 @@ from another host), a database that stays locked while a trial runs, and a trial
 cluster kills: the search carries on, no trial is run twice, none is counted as broken.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,8 @@ from orion.client import get_experiment
 from orion.core.io.database.pickleddb import _create_lock
 
 import orion_tools
-from conftest import REPO_ROOT, clean_env
+from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env
 
-STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
 OBJECTIVE = "Objective (1 - validation accuracy)"  # The stand-in's line when a run ends.
 
 

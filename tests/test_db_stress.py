@@ -10,16 +10,15 @@ Oríon's CLI imports it only for `orion serve`): they start sooner and closer to
 contend more, in a third of the memory. No timing assertion.
 """
 
-import importlib.util
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import filelock
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT, import_benchmark
+
 SCRIPT = REPO_ROOT / "benchmarks" / "db_stress.py"
 WORKERS = 8
 TRIALS_PER_WORKER = 3  # A budget of 24.
@@ -29,14 +28,7 @@ ROW_TIMEOUT = 300  # Workers still running then are killed (and the test fails),
 
 @pytest.fixture(scope="module")
 def db_stress():
-    benchmarks = str(REPO_ROOT / "benchmarks")
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)  # its `import common`
-    spec = importlib.util.spec_from_file_location("db_stress", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return import_benchmark(SCRIPT)
 
 
 def database_folder(kind: str, tmp_path_factory) -> Path:

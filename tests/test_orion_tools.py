@@ -9,7 +9,7 @@ import pytest
 from orion.client import build_experiment, get_experiment
 
 import orion_tools
-from conftest import REPO_ROOT, clean_env
+from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env
 
 JOB_ID = "42"
 JOB_START = time.time()  # When "this run" of job 42 started: the trials below are older.
@@ -104,7 +104,6 @@ def test_reclaim_without_the_experiment_says_so(database, tmp_path, capsys):
 
 # --- hunt: an exact budget -------------------------------------------------------------------
 
-STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
 
 
 def start_workers(tmp_path, n_workers: int, budget: int, trial_seconds: float) -> list:

@@ -15,9 +15,8 @@ import pytest
 from orion.client import build_experiment, get_experiment
 
 import orion_tools
-from conftest import REPO_ROOT, clean_env
+from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env
 
-STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["regret.png", "parallel_coordinates.png", "partial_dependencies.png", "learning_curves.png"]
 BUDGET = 8

@@ -5,17 +5,15 @@ data and no GPU. The quick run is one subprocess shared by the tests that read i
 others import the module and simulate single settings in-process.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO_ROOT, import_benchmark
 SCRIPT = REPO_ROOT / "benchmarks" / "search_simulation.py"
 
 pytest.importorskip("orion.algo.tpe")
@@ -47,13 +45,7 @@ def quick(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sim():
-    benchmarks = str(REPO_ROOT / "benchmarks")
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)  # its `import common`
-    spec = importlib.util.spec_from_file_location("search_simulation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = import_benchmark(SCRIPT)
     module.quiet_orion()
     return module
 
