@@ -40,8 +40,8 @@ each row prints the lock class Oríon creates there. Rows interleave the lock ki
 shared machine's load hits both alike.
 
 Memory: Oríon's CLI imports every subcommand's module, `orion serve`'s too, which imports torch
-(orion.benchmark.task.profet): each `orion hunt` worker holds ~430 MiB (PSS; 800 MiB RSS), 100
-of them ~43 GB. A row starts only if its workers fit in 80 % of MemAvailable (as measured in
+(orion.benchmark.task.profet): each `orion hunt` worker holds ~470 MiB (PSS; 680 MiB RSS;
+RESULTS.md), 100 of them ~46 GB. A row starts only if its workers fit in 80 % of MemAvailable (as measured in
 the rows before); --without-torch (a stub `torch` that fails to import, first on the workers'
 PYTHONPATH; the database traffic is the same) brings a worker to ~145 MiB PSS (210 RSS).
 
@@ -94,8 +94,8 @@ QUICK_WORKERS = [1, 5]
 DEFAULT_DB_ROOTS = [Path(tempfile.gettempdir()), Path("/dev/shm")]
 # Until a row has been measured: the memory (PSS) of one hunt worker, MiB. Oríon's CLI imports
 # every subcommand's module, `orion serve`'s too, which imports torch (through
-# orion.benchmark.task.profet): ~430 MiB each; ~200 without torch (--without-torch).
-WORKER_MIB_GUESS = {True: 450, False: 200}  # Keyed by: the workers import torch.
+# orion.benchmark.task.profet): ~470 MiB each; ~150-200 without torch (--without-torch).
+WORKER_MIB_GUESS = {True: 470, False: 200}  # Keyed by: the workers import torch.
 MEMORY_FRACTION = 0.8  # A row starts only if its workers' estimated memory fits in this share of MemAvailable.
 
 
@@ -470,7 +470,7 @@ def main():
     parser.add_argument(
         "--without-torch", action="store_true",
         help="make `import torch` fail in the workers (a stub first on their PYTHONPATH): Oríon's CLI imports it "
-        "only for `orion serve` and skips it then; each worker holds ~200 MiB instead of ~430, so that 100 fit "
+        "only for `orion serve` and skips it then; each worker holds ~200 MiB instead of ~470, so that 100 fit "
         "in 24 GB. The database traffic is the same; the workers' start is shorter",
     )
     parser.set_defaults(timeout=1800)  # common's --timeout: here, seconds allowed to each row.

@@ -235,7 +235,7 @@ def settings_for(quick: bool) -> list:
             "tpe", 50, 10, cap, search_wd=False, n_initial_points=5,
         ))
     if quick:
-        budgets, n_inits, workers = (30,), (5, 10), 10
+        n_inits, workers = (5, 10), 10
         s.append(Setting(f"random W={workers} B=30", "budget", "random", workers, 30, True))
         for n0 in n_inits:
             s.append(Setting(f"TPE n0={n0} W={workers} B=30", "budget", "tpe", workers, 30, True, n_initial_points=n0))

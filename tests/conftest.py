@@ -19,6 +19,19 @@ MAIN_PY = REPO_ROOT / "main.py"
 README = REPO_ROOT / "README.md"
 # A light stand-in for main.py, for tests of the search machinery (see its docstring).
 STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
+
+
+def standin_hunt_command(experiment: str, config: Path, working_dir: Path, *trial_args) -> list[str]:
+    """An `orion_tools.py hunt` worker as job.sh starts one (run it from REPO_ROOT), with the
+    stand-in as its trial and `--learning-rate` searched. --working-dir as in job.sh: without it
+    each worker makes a temporary folder for the trials and deletes it when it exits, under the
+    trials the other workers still run."""
+    return [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", experiment,
+            "--config", str(config), "--working-dir", str(working_dir),
+            sys.executable, str(STANDIN_TRIAL), "--learning-rate~loguniform(1e-5, 1.0)",
+            *map(str, trial_args)]
+
+
 # The human line main.py logs per epoch (other tools parse it); everything else that tests
 # check about an epoch comes from the trial's metrics.jsonl (`read_metrics`).
 EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")

@@ -18,7 +18,7 @@ from orion.client import get_experiment
 from orion.core.io.database.pickleddb import _create_lock
 
 import orion_tools
-from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env
+from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env, standin_hunt_command
 
 OBJECTIVE = "Objective (1 - validation accuracy)"  # The stand-in's line when a run ends.
 
@@ -29,9 +29,7 @@ def start_worker(folder: Path, config: str, *trial_args, database: Path | None =
     (folder / "orion-config.yml").write_text(config)
     env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=database or folder / "orion_db.pkl", **env)
     return subprocess.Popen(
-        [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", "faults",
-         "--config", folder / "orion-config.yml", "--working-dir", folder / "trials",
-         sys.executable, STANDIN_TRIAL, "--learning-rate~loguniform(1e-5, 1.0)", *trial_args],
+        standin_hunt_command("faults", folder / "orion-config.yml", folder / "trials", *trial_args),
         cwd=REPO_ROOT, env=env, stdout=open(folder / log_name, "w"), stderr=subprocess.STDOUT,
     )
 

@@ -9,7 +9,7 @@ import pytest
 from orion.client import build_experiment, get_experiment
 
 import orion_tools
-from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env
+from conftest import REPO_ROOT, clean_env, standin_hunt_command
 
 JOB_ID = "42"
 JOB_START = time.time()  # When "this run" of job 42 started: the trials below are older.
@@ -115,12 +115,7 @@ def start_workers(tmp_path, n_workers: int, budget: int, trial_seconds: float) -
         "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n"
     )
     env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl")
-    # --working-dir as in job.sh: without it, each worker makes a temporary folder for the
-    # trials and deletes it when it exits, under the trials other workers still run.
-    command = [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", "budget", "--config", str(config),
-               "--working-dir", str(tmp_path / "trials"),
-               sys.executable, str(STANDIN_TRIAL), "--sleep", str(trial_seconds),
-               "--learning-rate~loguniform(1e-5, 1.0)"]
+    command = standin_hunt_command("budget", config, tmp_path / "trials", "--sleep", trial_seconds)
     # Each worker's output in a file of tmp_path, to read when a test fails.
     return [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=open(tmp_path / f"worker-{i}.log", "w"),
                              stderr=subprocess.STDOUT) for i in range(n_workers)]

@@ -15,7 +15,7 @@ import pytest
 from orion.client import build_experiment, get_experiment
 
 import orion_tools
-from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env
+from conftest import REPO_ROOT, clean_env, standin_hunt_command
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["regret.png", "parallel_coordinates.png", "partial_dependencies.png", "learning_curves.png"]
@@ -36,10 +36,8 @@ def search(tmp_path_factory) -> dict:
     config = root / "orion-config.yml"
     config.write_text(f"experiment:\n  algorithm:\n    asha:\n      seed: 1\n      num_brackets: 1\n"
                       f"  max_trials: {BUDGET}\nworker:\n  executor: singleexecutor\n  idle_timeout: 600\n")
-    command = [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", "exp", "--config", str(config),
-               "--working-dir", str(trials_dir),
-               sys.executable, str(STANDIN_TRIAL), "--checkpoint-dir", "{trial.working_dir}",
-               "--learning-rate~loguniform(1e-5, 1.0)", "--epochs~fidelity(1, 4, base=2)"]
+    command = standin_hunt_command("exp", config, trials_dir,
+                                   "--checkpoint-dir", "{trial.working_dir}", "--epochs~fidelity(1, 4, base=2)")
     env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=database)
     workers = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                for _ in range(2)]
