@@ -3,7 +3,7 @@
 # one (or several) Oríon workers; all of them share one PickledDB database in $SCRATCH.
 #
 #   sbatch --array=1-10 job.sh [main.py arguments]     # 10 workers, one GPU each
-#   bash job.sh --epochs 1                               # no Slurm: a dry run, on a workstation
+#   ORION_MAX_TRIALS=2 bash job.sh --epochs 1            # no Slurm: a dry run, on a workstation
 #
 # Variants, settings (environment variables), what ends up where, and the steps below in
 # words: see README, "job.sh".
@@ -159,7 +159,7 @@ done
 stage_node() {
     set -euo pipefail
     local data_dir="$SLURM_TMPDIR/data" archive_bytes=$CIFAR10_BYTES needed_mb free_mb advice
-    # The archive and its extracted files, about 2.1 x the archive (CIFAR-10: 171 + 186 MB).
+    # The archive and its extracted files (CIFAR-10: 171 + 186 MB), 2.2 x the archive with a margin.
     if [[ -f "$CIFAR10_ARCHIVE" ]]; then
         archive_bytes=$(stat --format=%s "$CIFAR10_ARCHIVE")
     fi
@@ -213,18 +213,19 @@ export -f stage_node
 # shellcheck disable=SC1091
 source .venv/bin/activate
 
-# --- 3. Take back the trials of a requeued job -----------------------------------------
-# Why: see README, "Preemption". Which trials: `reclaim` in orion_tools.py.
+# --- 3. Check the database, take back the trials of a requeued job ---------------------
+# An emptied or truncated database (a crash of the file server) would start the search
+# over: stop instead, and say how to restore the copy the last job made. First, before
+# anything opens the database: Oríon writes an emptied file back as a valid empty database.
+python orion_tools.py check-database --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT"
+
+# Why take trials back: see README, "Preemption". Which trials: `reclaim` in orion_tools.py.
 if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
     python orion_tools.py reclaim --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT" \
         --trials-dir "$trials_dir" --job-id "$SLURM_JOB_ID" --since "$job_started_at"
 fi
 
 # --- 4. Configure Oríon ------------------------------------------------------------------
-# An emptied or truncated database (a crash of the file server) would start the search
-# over: stop instead, and say how to restore the copy the last job made.
-python orion_tools.py check-database --database "$ORION_DB_ADDRESS"
-
 # A typo in main.py's arguments would break every trial, one after the other, until the
 # experiment is broken for good: check them once, here (needs the environment of step 2).
 if ! python -c 'import sys, main; sys.argv[0] = "main.py"; main.parse_args()' "$@"; then

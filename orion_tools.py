@@ -2,7 +2,7 @@
 
     python orion_tools.py hunt -n NAME --config FILE ... python main.py ...   # orion hunt, exact budget
     python orion_tools.py reclaim --experiment NAME --trials-dir DIR --job-id ID --since EPOCH
-    python orion_tools.py check-database                       # refuse an emptied database, back it up
+    python orion_tools.py check-database [--experiment NAME]   # refuse an emptied database, back it up
     python orion_tools.py check-experiment --experiment NAME --algorithm YAML -- python main.py ...
                                                   # refuse a bad prior, or a rerun with other settings
     python orion_tools.py summary [--experiment NAME]       # trials by status, best so far: 2 lines
@@ -130,7 +130,7 @@ def reclaim(args) -> int:
 # LazyWorkers. Trials are produced (suggested and registered) by one worker at a time, under
 # the experiment's algorithm lock, in `Producer.produce`; we replace that method and
 # `Experiment.is_done` for this process only (Oríon is dormant upstream; see README,
-# "Oríon quirks"). Broken trials do not count: the search replaces them, up to max_broken.
+# "Troubleshooting and Oríon quirks"). Broken trials do not count: the search replaces them, up to max_broken.
 
 
 def trials_left(experiment, trials) -> int:
@@ -416,9 +416,10 @@ def report(args) -> int:
     """Writes the search's report (plots as PNG and summary.txt) and prints its summary."""
     experiment, trials = open_experiment(args)
     if args.if_done and not is_done(experiment, trials):
-        print("\n".join(summary_lines(experiment, trials)))
-        print(f"The search is not done: no report yet (make one now with: python orion_tools.py report "
+        # The summary last: a job's output ends with where the search stands (README).
+        print(f"The search is not done: no report yet (make one now with: uv run python orion_tools.py report "
               f"--experiment {args.experiment} --database {args.database} --trials-dir {trials_dir_of(args)})")
+        print("\n".join(summary_lines(experiment, trials)))
         return 0
     trials_dir = trials_dir_of(args)
     if not trials_dir.is_dir():
@@ -473,34 +474,59 @@ def report(args) -> int:
 # --- check-database: never start a search over from an emptied database ------------------------
 # PickledDB rewrites the whole file at every operation (temporary file + rename, no fsync):
 # after a crash of the file server the file can be empty or truncated. Oríon reads an empty
-# file as an empty database (`orion status`: "No experiment found"; a new hunt starts over).
+# file as an empty database (`orion status`: "No experiment found"; a new hunt starts over),
+# and the first Oríon command that opens it, `orion info` included, writes it back as a valid
+# empty database: so the check also compares the experiment's completed trials with the backup's.
+
+
+def read_database(path: Path):
+    """The database as PickledDB keeps it (an EphemeralDB; None: no file), or why it is unreadable."""
+    if not path.exists():
+        return None, None
+    if path.stat().st_size == 0:
+        return None, "is empty"
+    try:
+        with open(path, "rb") as file:
+            return pickle.load(file), None
+    except Exception as error:  # Truncated, or not a pickle at all.
+        return None, f"is not readable ({type(error).__name__}: {error})"
+
+
+def completed_trials(database, experiment: str) -> int:
+    """How many trials of the experiment (all its versions) completed, in an EphemeralDB."""
+    if database is None:
+        return 0
+    ids = [document["_id"] for document in database.read("experiments", {"name": experiment})]
+    return sum(database.count("trials", {"experiment": id_, "status": "completed"}) for id_ in ids)
 
 
 def check_database(args) -> int:
-    """Refuses an empty or unreadable database (exit 1, and how to recover); else backs it up.
+    """Refuses a damaged database, or one that lost completed trials (exit 1); else backs it up.
 
     The backup, `<database>.bak`, is the last copy that a job found readable.
     """
-    database, backup = Path(args.database), Path(f"{args.database}.bak")
-    if not database.exists():
-        return 0  # A new search.
-    problem = None
-    if database.stat().st_size == 0:
-        problem = "is empty"
-    else:
-        try:
-            with open(database, "rb") as file:
-                pickle.load(file)
-        except Exception as error:  # Truncated, or not a pickle at all.
-            problem = f"is not readable ({type(error).__name__}: {error})"
+    path, backup_path = Path(args.database), Path(f"{args.database}.bak")
+    # The backup first: it is a copy of the database as it was earlier, so while other jobs
+    # complete trials and back up, the database read second never holds fewer than it.
+    backup, _ = read_database(backup_path)
+    database, problem = read_database(path)
+    restore = f"restore the last good copy: cp {backup_path} {path}"
     if problem:
-        recovery = (f"restore the last good copy: cp {backup} {database}" if backup.is_file()
-                    else "no backup exists: move it away to start a new search")
-        print(f"error: the Oríon database {database} {problem}; {recovery}", file=sys.stderr)
+        recovery = restore if backup_path.is_file() else "no backup exists: move it away to start a new search"
+        print(f"error: the Oríon database {path} {problem}; {recovery}", file=sys.stderr)
         return 1
-    temporary = backup.with_name(f"{backup.name}.{os.getpid()}.tmp")
-    shutil.copyfile(database, temporary)
-    os.replace(temporary, backup)  # Several jobs may back up at once: each rename is whole.
+    completed = {copy: completed_trials(db, args.experiment) if args.experiment else 0
+                 for copy, db in (("database", database), ("backup", backup))}
+    if completed["database"] < completed["backup"]:
+        print(f"error: the Oríon database {path} holds fewer completed trials of {args.experiment} "
+              f"({completed['database']}) than its backup ({completed['backup']}): {restore}, "
+              f"or, if you removed them on purpose, delete {backup_path}", file=sys.stderr)
+        return 1
+    if database is None:
+        return 0  # A new search.
+    temporary = backup_path.with_name(f"{backup_path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(path, temporary)
+    os.replace(temporary, backup_path)  # Several jobs may back up at once: each rename is whole.
     return 0
 
 
@@ -652,6 +678,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     command = subcommands.add_parser("check-database", parents=[common], help=check_database.__doc__.split("\n")[0])
     command.set_defaults(run=check_database)
+    command.add_argument("--experiment", help="the experiment whose completed trials the backup must not outnumber")
 
     command = subcommands.add_parser("check-experiment", parents=[common],
                                      help=check_experiment.__doc__.split("\n")[0])

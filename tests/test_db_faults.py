@@ -5,6 +5,7 @@ from another host), a database that stays locked while a trial runs, and a trial
 cluster kills: the search carries on, no trial is run twice, none is counted as broken.
 """
 
+import datetime
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import psutil
 import pytest
 from orion.client import get_experiment
 from orion.core.io.database.pickleddb import _create_lock
+from orion.core.utils.exceptions import NoConfigurationError
 
 import orion_tools
 from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env, standin_hunt_command
@@ -46,8 +48,11 @@ def trials(database: Path) -> list:
 def wait_for_status(database: Path, status: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if database.exists() and any(t.status == status for t in trials(database)):
-            return
+        try:
+            if database.exists() and any(t.status == status for t in trials(database)):
+                return
+        except NoConfigurationError:  # The worker has not created the experiment yet.
+            pass
         time.sleep(0.5)
     raise AssertionError(f"no trial became {status} within {timeout} s")
 
@@ -57,6 +62,7 @@ def wait_for_status(database: Path, status: str, timeout: float = 120) -> None:
 HOLD_THE_LOCK = """
 import sys, time
 from orion.core.io.database.pickleddb import _create_lock
+from orion.core.utils.exceptions import NoConfigurationError
 lock = _create_lock(sys.argv[1])  # Oríon's own choice of lock for this file.
 lock.acquire()
 print("held", type(lock).__name__, flush=True)
@@ -120,9 +126,13 @@ def test_a_database_locked_while_a_trial_runs_does_not_run_it_twice(tmp_path):
                               f"    host: {tmp_path / 'orion_db.pkl'}\n    timeout: 3\n")
     first = start_worker(tmp_path, config, "--sleep", "110", log_name="first.log", ORION_HEARTBEAT=13)
     wait_for_status(tmp_path / "orion_db.pkl", "reserved")
-    time.sleep(50)
+    # Timed from the reservation (its heartbeat), not from when this test saw it: on a busy
+    # machine the test sees it seconds late, and the lock must cover the heartbeat due at 60 s.
+    [trial] = trials(tmp_path / "orion_db.pkl")
+    reserved_at = trial.heartbeat.replace(tzinfo=datetime.timezone.utc).timestamp()
+    time.sleep(max(0.0, reserved_at + 50 - time.time()))
     with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # flock here: another worker holding it.
-        time.sleep(35)  # Over the heartbeat due at 60 s; the heartbeat thread's waits time out.
+        time.sleep(max(0.0, reserved_at + 85 - time.time()))  # The heartbeat thread's waits time out.
     # A second worker, now that the heartbeat is 85 s old without the retry: the trial would look lost.
     second = start_worker(tmp_path, config, "--sleep", "110", log_name="second.log", ORION_HEARTBEAT=13)
     assert second.wait(timeout=300) == 0

@@ -1,12 +1,14 @@
 """orion_tools.py against a real PickledDB file (no Oríon mocked)."""
 
 import datetime
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 from orion.client import build_experiment, get_experiment
+from orion.core.utils.exceptions import NoConfigurationError
 
 import orion_tools
 from conftest import REPO_ROOT, clean_env, standin_hunt_command
@@ -170,10 +172,10 @@ def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
 # --- check-database: an emptied database is refused, a readable one backed up ----------------
 
 
-def check_database(database) -> subprocess.CompletedProcess:
+def check_database(database, *experiment) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-W", "ignore", "orion_tools.py", "check-database", "--database",
-                           str(database)], cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=120)
+                           str(database), *experiment], cwd=REPO_ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_a_readable_database_is_backed_up(database, experiment):
@@ -197,3 +199,34 @@ def test_a_damaged_database_keeps_the_last_good_backup(database, experiment):
     open(database, "wb").write(b"")
     check_database(database)
     assert open(f"{database}.bak", "rb").read() == good
+
+
+@pytest.fixture
+def emptied_then_opened(database, experiment):
+    """A search with a completed trial, backed up; then the file emptied and opened by Oríon (as
+    `orion info` or `reclaim` would), which writes it back as a valid, empty database."""
+    experiment.insert(params={"x": 0.5}, results=[{"name": "objective", "type": "objective", "value": 0.3}])
+    check_database(database, "--experiment", "exp")
+    open(database, "wb").close()
+    with pytest.raises(NoConfigurationError):
+        get_experiment("exp", storage=orion_tools.storage(database))
+    assert os.path.getsize(database) > 0  # No longer empty: check-database's first test would pass it.
+    return database
+
+
+def test_an_emptied_database_that_orion_rewrote_is_refused(emptied_then_opened):
+    result = check_database(emptied_then_opened, "--experiment", "exp")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: the Oríon database {emptied_then_opened} holds fewer completed "
+                                    "trials of exp (0) than its backup (1): restore the last good copy: cp ")
+
+
+def test_an_emptied_database_that_orion_rewrote_keeps_the_backup(emptied_then_opened):
+    good = open(f"{emptied_then_opened}.bak", "rb").read()
+    check_database(emptied_then_opened, "--experiment", "exp")
+    assert open(f"{emptied_then_opened}.bak", "rb").read() == good
+
+
+def test_trials_removed_on_purpose_pass_once_the_backup_is_deleted(emptied_then_opened):
+    os.remove(f"{emptied_then_opened}.bak")
+    assert check_database(emptied_then_opened, "--experiment", "exp").returncode == 0
