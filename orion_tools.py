@@ -515,13 +515,13 @@ def check_database(args) -> int:
         recovery = restore if backup_path.is_file() else "no backup exists: move it away to start a new search"
         print(f"error: the Oríon database {path} {problem}; {recovery}", file=sys.stderr)
         return 1
-    completed = {copy: completed_trials(db, args.experiment) if args.experiment else 0
-                 for copy, db in (("database", database), ("backup", backup))}
-    if completed["database"] < completed["backup"]:
-        print(f"error: the Oríon database {path} holds fewer completed trials of {args.experiment} "
-              f"({completed['database']}) than its backup ({completed['backup']}): {restore}, "
-              f"or, if you removed them on purpose, delete {backup_path}", file=sys.stderr)
-        return 1
+    if args.experiment:
+        in_database, in_backup = completed_trials(database, args.experiment), completed_trials(backup, args.experiment)
+        if in_database < in_backup:
+            print(f"error: the Oríon database {path} holds fewer completed trials of {args.experiment} "
+                  f"({in_database}) than its backup ({in_backup}): {restore}, "
+                  f"or, if you removed them on purpose, delete {backup_path}", file=sys.stderr)
+            return 1
     if database is None:
         return 0  # A new search.
     temporary = backup_path.with_name(f"{backup_path.name}.{os.getpid()}.tmp")

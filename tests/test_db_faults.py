@@ -62,7 +62,6 @@ def wait_for_status(database: Path, status: str, timeout: float = 120) -> None:
 HOLD_THE_LOCK = """
 import sys, time
 from orion.core.io.database.pickleddb import _create_lock
-from orion.core.utils.exceptions import NoConfigurationError
 lock = _create_lock(sys.argv[1])  # Oríon's own choice of lock for this file.
 lock.acquire()
 print("held", type(lock).__name__, flush=True)
