@@ -153,7 +153,7 @@ for folder in "$trials_dir" "$(dirname "$ORION_DB_ADDRESS")"; do
     fi
 done
 
-# --- 2. Stage the data and the environment (once per node) -----------------------------
+# --- 2. Stage the data (once per node) and the environment (once) ----------------------
 # Trials then read CIFAR-10 from the node's local disk, never from the shared filesystem.
 # shellcheck disable=SC2317  # Run by `bash -c stage_node` below.
 stage_node() {
@@ -197,16 +197,30 @@ stage_node() {
     # Extract once here so that the trials don't each extract it.
     tar --extract --gzip --file "$data_dir/cifar-10-python.tar.gz" --directory "$data_dir" \
         || { echo "$failed" >&2; return 1; }
-    # Compute nodes have no internet: the uv cache must be warm (run `uv sync` once on a
-    # login node). Synced here, once, before the workers start: concurrent syncs race.
-    if ! uv sync --offline --locked --quiet; then
-        echo "error: uv could not set up the environment offline: run 'uv sync --locked' once" \
-            "on a machine with internet (e.g. the login node), then submit again" >&2
-        return 1
-    fi
 }
 export -f stage_node
 "${on_each_node[@]}" bash -c stage_node
+
+# The environment, .venv in this (shared) folder: once per job, not per node. Ready when the
+# login node's `uv sync --locked --compile-bytecode` made it: then this costs a fraction of a
+# second. Otherwise (uv.lock changed since, or it was synced without bytecode) the first task
+# syncs, offline, under a lock, and the tasks that waited find it done; no task writes .venv
+# while another imports from it.
+environment_ready() {
+    uv sync --offline --locked --check --quiet 2>/dev/null \
+        && compgen -G ".venv/lib/python3*/site-packages/orion/__pycache__/__init__.cpython-*.pyc" >/dev/null
+}
+if ! environment_ready; then
+    # flock on the shared filesystem (NFS, GPFS, Lustre mounted with flock); `exec 9>` keeps
+    # the lock file open for the lock's lifetime, which ends with this subshell.
+    if ! ( exec 9>>.venv-sync.lock && flock 9 && { environment_ready \
+            || uv sync --offline --locked --compile-bytecode --quiet; } ); then
+        # Compute nodes have no internet: the uv cache must hold every package.
+        echo "error: uv could not set up the environment offline: run 'uv sync --locked --compile-bytecode'" \
+            "once on a machine with internet (e.g. the login node), then submit again" >&2
+        exit 1
+    fi
+fi
 # The workers run from the synced environment directly, not through `uv run`: uv forwards
 # SIGTERM to its child, which then gets it twice (Slurm signals every process of the
 # step), and Oríon's hunt gives up on a trial at the second SIGTERM.

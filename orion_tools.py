@@ -29,10 +29,11 @@ from pathlib import Path
 import yaml
 
 import orion.core
-import orion.core.cli
+import orion.core.cli.hunt
 import orion.core.io.database.pickleddb
 from filelock import SoftFileLock
 from orion.client import get_experiment
+from orion.core.cli.base import OrionArgsParser
 from orion.core.io.database import DatabaseTimeout, DuplicateKeyError
 from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
 from orion.core.io.space_builder import SpaceBuilder
@@ -237,7 +238,11 @@ def hunt(hunt_arguments: list[str]) -> int:
     Experiment.is_done = property(done_within_budget)
     TrialPacemaker._monitor_trial = monitor_trial_through_timeouts
     Consumer.execute_process = execute_killed_as_interrupted
-    return orion.core.cli.main(["hunt", *hunt_arguments]) or 0
+    # Oríon's own `orion.core.cli.main` builds the parser of every subcommand, and one of them
+    # imports torch (3.8 s and ~400 MiB per worker; see `main`): only hunt's parser here.
+    parser = OrionArgsParser()
+    orion.core.cli.hunt.add_subparser(parser.get_subparsers())
+    return parser.execute(["hunt", *hunt_arguments]) or 0
 
 
 # --- summary and report: what the search found ------------------------------------------------
@@ -708,6 +713,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # No torch in these processes: the trial, a process of its own, imports it. Oríon would
+    # import it twice over, for nothing: in its CLI (see `hunt`) and when it looks up an
+    # algorithm by name (it loads every algorithm's module, PB2's too, whose RNG helper
+    # `orion.core.utils.random_state` saves torch's RNG state if it can import torch; TPE,
+    # ASHA and random use numpy's). `None` here makes that import fail, as Oríon expects
+    # where torch is not installed. Left alone where torch is already imported (the tests).
+    sys.modules.setdefault("torch", None)
     orion.core.io.database.pickleddb._create_lock = lock_with_lifetime
     if argv[:1] == ["hunt"]:  # argparse would take `orion hunt`'s options as its own.
         return hunt(argv[1:])

@@ -39,17 +39,16 @@ FileLock (flock; filelock names it UnixFileLock) on ext2-4/GPFS/Lustre with floc
 each row prints the lock class Oríon creates there. Rows interleave the lock kinds, so that a
 shared machine's load hits both alike.
 
-Memory: Oríon's CLI imports every subcommand's module, `orion serve`'s too, which imports torch
-(orion.benchmark.task.profet): each `orion hunt` worker holds ~470 MiB (PSS; 680 MiB RSS;
-RESULTS.md), 100 of them ~46 GB. A row starts only if its workers fit in 80 % of MemAvailable (as measured in
-the rows before); --without-torch (a stub `torch` that fails to import, first on the workers'
-PYTHONPATH; the database traffic is the same) brings a worker to ~145 MiB PSS (210 RSS).
+Memory: a worker no longer imports torch (orion_tools.py `main`): about 145 MiB PSS each (it
+was ~470 MiB when Oríon's CLI imported torch; RESULTS.md). A row starts only if its workers fit
+in 80 % of MemAvailable (as measured in the rows before).
 
     uv run python benchmarks/db_stress.py [--quick] [--workers 1 10 25 50 100] [--trials-per-worker 4]
-        [--sleep 1] [--db-roots /tmp /dev/shm] [--without-torch] [--json FILE] [--markdown] [--keep]
+        [--sleep 1] [--db-roots /tmp /dev/shm] [--json FILE] [--markdown] [--keep]
 
-Result (2 CPU cores, AMD EPYC, 24 GB; shared with other test runs, load average 5.5 at the start;
-Oríon 0.2.7, `--without-torch --json /tmp/db_stress.json`, 22 min): every row completed its
+Result of an earlier orion_tools.py (2 CPU cores, AMD EPYC, 24 GB; shared with other test runs,
+load average 5.5 at the start; Oríon 0.2.7; workers made torch-free by a stub then; 22 min;
+later runs: RESULTS.md, "Many workers on one database"): every row completed its
 budget exactly: no trial lost, run twice or broken, and no file-lock timeout (Oríon's 60 s),
 with either lock, up to 100 workers. Throughput peaks at 10 workers (FileLock 2.2 trials/s,
 SoftFileLock 1.6) and falls beyond (25: 1.4-1.6, 50: 1.1-1.4, 100: 1.05), while the wait for a
@@ -92,10 +91,8 @@ DEFAULT_WORKERS = [1, 10, 25, 50, 100]
 QUICK_WORKERS = [1, 5]
 # The folder of each lock kind: ext4 here (FileLock) and tmpfs (SoftFileLock).
 DEFAULT_DB_ROOTS = [Path(tempfile.gettempdir()), Path("/dev/shm")]
-# Until a row has been measured: the memory (PSS) of one hunt worker, MiB. Oríon's CLI imports
-# every subcommand's module, `orion serve`'s too, which imports torch (through
-# orion.benchmark.task.profet): ~470 MiB each; ~150-200 without torch (--without-torch).
-WORKER_MIB_GUESS = {True: 470, False: 200}  # Keyed by: the workers import torch.
+# Until a row has been measured: the memory (PSS) of one hunt worker, MiB (torch-free).
+WORKER_MIB_GUESS = 200
 MEMORY_FRACTION = 0.8  # A row starts only if its workers' estimated memory fits in this share of MemAvailable.
 
 
@@ -151,22 +148,12 @@ class Row:
         return self.folder / "runs.jsonl"
 
 
-def start_workers(folder: Path, n_workers: int, budget: int, sleep: float, without_torch: bool = False) -> Row:
-    """Starts `n_workers` `orion_tools.py hunt` workers on folder/orion_db.pkl, as job.sh does.
-
-    without_torch: `import torch` fails in the workers (a stub package first on their
-    PYTHONPATH), which Oríon's CLI then skips: see --without-torch.
-    """
+def start_workers(folder: Path, n_workers: int, budget: int, sleep: float) -> Row:
+    """Starts `n_workers` `orion_tools.py hunt` workers on folder/orion_db.pkl, as job.sh does."""
     row = Row(Path(folder))
     row.folder.mkdir(parents=True, exist_ok=True)
     config = write_config(row.folder, budget)
     env = common.child_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=row.db, ORION_HEARTBEAT=HEARTBEAT)
-    if without_torch:
-        stub = row.folder / "without-torch"
-        (stub / "torch").mkdir(parents=True, exist_ok=True)
-        (stub / "torch" / "__init__.py").write_text(
-            'raise ImportError("torch is blocked in this worker by benchmarks/db_stress.py --without-torch")\n')
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub), env.get("PYTHONPATH")]))
     # --working-dir as in job.sh: without it each worker makes a temporary folder for the
     # trials and deletes it when it exits, under the trials the other workers still run.
     command = [sys.executable, "orion_tools.py", "hunt", "-n", EXPERIMENT, "--config", str(config),
@@ -354,18 +341,17 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
 
 
 def run_row(folder: Path, n_workers: int, trials_per_worker: int, sleep: float, timeout: float,
-            min_budget: int = 10, without_torch: bool = False) -> dict:
+            min_budget: int = 10) -> dict:
     """Runs one row in `folder` (which must not hold a previous row) and returns its figures."""
     budget = max(min_budget, trials_per_worker * n_workers)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_class(folder / "orion_db.pkl")
     load_before = os.getloadavg()[0]
-    row = start_workers(folder, n_workers, budget, sleep, without_torch)
+    row = start_workers(folder, n_workers, budget, sleep)
     peak_pss = wait_for_workers(row, timeout)
     result = analyse(row, budget, peak_pss)
     result.update(lock=lock, filesystem=filesystem_type(folder), folder=str(folder), sleep=sleep,
-                  workers_import_torch=not without_torch,
                   load_before=load_before, load_after=os.getloadavg()[0])
     return result
 
@@ -467,12 +453,6 @@ def main():
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--markdown", action="store_true", help="also print the table in markdown")
     parser.add_argument("--keep", action="store_true", help="keep each row's folder (database, logs, runs)")
-    parser.add_argument(
-        "--without-torch", action="store_true",
-        help="make `import torch` fail in the workers (a stub first on their PYTHONPATH): Oríon's CLI imports it "
-        "only for `orion serve` and skips it then; each worker holds ~200 MiB instead of ~470, so that 100 fit "
-        "in 24 GB. The database traffic is the same; the workers' start is shorter",
-    )
     parser.set_defaults(timeout=1800)  # common's --timeout: here, seconds allowed to each row.
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, interrupted)  # Stops as Ctrl-C does: the workers are killed too.
@@ -491,9 +471,7 @@ def main():
         folders.append(folder)
         print(f"databases in {folder}: {filesystem_type(folder)} -> Oríon's lock: {lock_class(folder / 'x.pkl')}",
               flush=True)
-    with_torch = not args.without_torch
-    print(f"workers import torch: {'yes (as in job.sh)' if with_torch else 'no (--without-torch)'}", flush=True)
-    rows, skipped, worker_mib = [], [], WORKER_MIB_GUESS[with_torch]
+    rows, skipped, worker_mib = [], [], WORKER_MIB_GUESS
     started = time.time()
     try:
         for n in workers:
@@ -507,11 +485,10 @@ def main():
                     continue
                 print(f"{n} worker(s), {lock_class(folder / 'x.pkl')} ({filesystem_type(folder)}), "
                       f"budget {max(10, trials_per_worker * n)} ...", flush=True)
-                result = run_row(folder / f"{n}-workers", n, trials_per_worker, args.sleep, args.timeout,
-                                 without_torch=args.without_torch)
+                result = run_row(folder / f"{n}-workers", n, trials_per_worker, args.sleep, args.timeout)
                 rows.append(result)
                 if result["peak_workers_pss_mib"]:  # Sampled: may miss the peak; never below half the guess.
-                    worker_mib = max(WORKER_MIB_GUESS[with_torch] / 2, result["peak_workers_pss_mib"] / n)
+                    worker_mib = max(WORKER_MIB_GUESS / 2, result["peak_workers_pss_mib"] / n)
                 print(f"  {result['completed']}/{result['budget']} completed in {result['wall_seconds']:.1f} s, "
                       f"{common.fmt(result['trials_per_second'])} trials/s, wait p50 {common.fmt(result['wait_p50'])} s "
                       f"p99 {common.fmt(result['wait_p99'])} s; load {result['load_before']:.1f} -> "
@@ -528,8 +505,7 @@ def main():
     notes = [
         f"sleep {args.sleep} s per trial; budget {trials_per_worker} trials per worker (at least 10); "
         f"ORION_HEARTBEAT={HEARTBEAT}; the workers' lock timeout: Oríon's default, 60 s (their configuration sets no "
-        f"storage.database.timeout; orion_tools.storage()'s, for other subcommands: {lock_timeout()}); "
-        f"workers import torch: {'yes' if with_torch else 'no (--without-torch)'}",
+        f"storage.database.timeout; orion_tools.storage()'s, for other subcommands: {lock_timeout()})",
         "lost: not completed nor broken at the end; run twice: a trial id run more than once (stand-in records)",
         "wait: per worker, its start -> its first run (first trial) and each run's end -> its next run's start "
         "(between); trials/s running: runs / (first run's start -> last run's end)",
@@ -549,7 +525,7 @@ def main():
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": socket.gethostname(),
             "machine": f"{common.cpu_model()}, {common.cpu_count()} CPUs", "sleep": args.sleep,
             "trials_per_worker": trials_per_worker, "heartbeat": HEARTBEAT, "orion_tools": version,
-            "workers_import_torch": with_torch, "lock_timeout": lock_timeout(), "seconds": elapsed, "rows": rows, "skipped": skipped,
+            "lock_timeout": lock_timeout(), "seconds": elapsed, "rows": rows, "skipped": skipped,
         }, indent=1))
         print(f"wrote {args.json}")
     return 1 if bad else 0

@@ -5,9 +5,7 @@ and every worker exits 0.
 Runs the benchmark's own functions (one row each). The flock database lives in pytest's
 temporary folder (ext4 here: Oríon's FileLock), the soft-lock one in /dev/shm (tmpfs:
 SoftFileLock, as on NFS); a machine where either folder gets the other lock fails the test
-instead of testing the wrong lock. The workers run without torch (db_stress.py --without-torch:
-Oríon's CLI imports it only for `orion serve`): they start sooner and closer together, so they
-contend more, in a third of the memory. No timing assertion.
+instead of testing the wrong lock. No timing assertion.
 """
 
 import shutil
@@ -52,8 +50,7 @@ def row(request, db_stress, tmp_path_factory):
         if lock != expected:
             pytest.fail(f"Oríon creates a {lock} for a database in {folder} "
                         f"({db_stress.filesystem_type(folder)}), not the {expected} this test is for")
-        result = db_stress.run_row(folder / "row", WORKERS, TRIALS_PER_WORKER, SLEEP, ROW_TIMEOUT,
-                                   without_torch=True)
+        result = db_stress.run_row(folder / "row", WORKERS, TRIALS_PER_WORKER, SLEEP, ROW_TIMEOUT)
     finally:
         if kind == "soft":  # Keep the workers' output for a failure, out of /dev/shm.
             shutil.copytree(folder, tmp_path_factory.mktemp("db-stress-soft-kept"), dirs_exist_ok=True)

@@ -169,6 +169,24 @@ def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
     assert [t.status for t in trials_of(tmp_path)] == ["completed"] * 7
 
 
+def test_a_worker_never_imports_torch(tmp_path):
+    """Oríon's own CLI imports torch in every worker (3.8 s and ~400 MiB each, for `orion serve`):
+    `orion_tools.py hunt` builds only hunt's parser. Seen from outside: torch's libraries are
+    never mapped into the worker's memory, while its trial runs (the stand-in sleeps 4 s)."""
+    [worker] = start_workers(tmp_path, n_workers=1, budget=1, trial_seconds=4)
+    maps = []
+    while worker.poll() is None:
+        try:
+            maps.append(open(f"/proc/{worker.pid}/maps").read())
+        except OSError:  # Gone between poll() and open().
+            break
+        time.sleep(0.2)
+    assert worker.returncode == 0
+    assert [t.status for t in trials_of(tmp_path)] == ["completed"]
+    assert len(maps) > 10  # Read through the trial's 4 s, after the worker set up the hunt.
+    assert not [m for m in maps if "libtorch" in m]
+
+
 # --- check-database: an emptied database is refused, a readable one backed up ----------------
 
 
