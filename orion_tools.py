@@ -1,7 +1,10 @@
 """What job.sh asks of Oríon's database, beyond `orion hunt`: one subcommand per task.
 
-    python orion_tools.py hunt -n NAME --config FILE ... python main.py ...   # orion hunt, exact budget
+    python orion_tools.py hunt [--worker-records DIR] -n NAME --config FILE ... python main.py ...
+                                                  # orion hunt, exact budget; records what it ran
     python orion_tools.py reclaim --experiment NAME --trials-dir DIR --job-id ID --since EPOCH
+    python orion_tools.py job-verdict --worker-records DIR --hunt-status N [--experiment NAME]
+                                                  # what a job ran, its exit code
     python orion_tools.py check-database [--experiment NAME]   # refuse an emptied database, back it up
     python orion_tools.py check-experiment --experiment NAME --algorithm YAML -- python main.py ...
                                                   # refuse a bad prior, or a rerun with other settings
@@ -23,7 +26,9 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -41,11 +46,11 @@ from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
 from orion.core.worker.trial_pacemaker import TrialPacemaker
-from orion.core.utils.exceptions import NoConfigurationError
+from orion.core.utils.exceptions import LazyWorkers, NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
 
-# main.py logs this line when a trial starts (or resumes) in a Slurm job.
-SLURM_JOB_LINE = re.compile(r"Running in Slurm job (\S+) on")
+# What a worker writes in a trial's folder when it starts running the trial (`record_worker`).
+WORKER_FILE = "worker.json"
 
 
 # --- The database lock: what every subcommand gets -------------------------------------------
@@ -81,13 +86,13 @@ def storage(database: str) -> dict:
             "database": {"type": "pickleddb", "host": database, "timeout": DATABASE_LOCK_TIMEOUT}}
 
 
-def last_slurm_job(train_log: Path) -> str | None:
-    """The Slurm job that last ran a trial, from its train.log (None: no log or no such line)."""
-    if not train_log.exists():
-        return None
-    # A log cut mid-character by a kill is not valid UTF-8: that must not fail the job.
-    jobs = SLURM_JOB_LINE.findall(train_log.read_text(encoding="utf-8", errors="replace"))
-    return jobs[-1] if jobs else None
+def worker_of(trial_dir: Path) -> dict:
+    """What the worker that last started running the trial wrote of itself ({}: none, or unreadable)."""
+    try:
+        worker = json.loads((trial_dir / WORKER_FILE).read_text())
+    except (OSError, ValueError):  # No file yet, or one cut short by a kill.
+        return {}
+    return worker if isinstance(worker, dict) else {}
 
 
 def mark_interrupted(experiment, trial) -> bool:
@@ -105,8 +110,10 @@ def reclaim(args) -> int:
     Its workers then resume them at once, instead of Oríon handing them out again only once
     their heartbeat is 5 x ORION_HEARTBEAT old (see README, "Preemption"). A trial is ours
     when it is still reserved, its heartbeat predates this run of the job (--since: no live
-    worker has touched it since), and the last "Running in Slurm job" line of its train.log
-    names this job.
+    worker has touched it since), and its folder's worker.json names this job *and this very
+    reservation* (the trial's start_time, which Oríon sets at each reservation): a worker of
+    another job that reserved the trial before we restarted, but has not yet written its own
+    worker.json, leaves ours from an earlier reservation, which then does not match.
     """
     try:
         experiment = get_experiment(args.experiment, mode="w", storage=storage(args.database))
@@ -118,7 +125,8 @@ def reclaim(args) -> int:
     for trial in experiment.fetch_trials_by_status("reserved"):
         if trial.heartbeat is not None and trial.heartbeat >= since:
             continue
-        if last_slurm_job(Path(args.trials_dir, trial.id, "train.log")) != args.job_id:
+        worker = worker_of(Path(args.trials_dir, trial.id))
+        if worker.get("slurm_job") != args.job_id or worker.get("reserved_at") != iso(trial.start_time):
             continue
         if mark_interrupted(experiment, trial):
             print(f"Trial {trial.id} was left reserved when this job was killed: marked interrupted")
@@ -225,14 +233,77 @@ def execute_killed_as_interrupted(self, cmd_args, environ) -> None:
               file=sys.stderr, flush=True)
         # The exit status Oríon's runner takes for "interrupted": it then releases the trial
         # as such and stops, as on Ctrl-C.
-        raise ExecutionError(orion.core.config.worker.interrupt_signal_code) from error
+        interrupted = ExecutionError(orion.core.config.worker.interrupt_signal_code)
+        interrupted.killed = True  # For the worker's record (`consume_and_record`).
+        raise interrupted from error
+
+
+# What a worker records, for job.sh's verdict and a requeued job's `reclaim` (rather than their
+# reading the workers' logs):
+# - in the trial's folder, when it starts running the trial: worker.json, naming its Slurm job,
+#   host and pid, and the reservation (the trial's start_time);
+# - in --worker-records DIR, one file per worker: a JSON line per trial it ran, with how it ended.
+ORIONS_CONSUMER_CALL = Consumer.__call__
+WORKER_RECORDS: Path | None = None  # hunt's --worker-records.
+
+
+def iso(moment) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Writes `path` through a temporary name of this host and process, then renames it: a reader,
+    or another worker, never sees half of it."""
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, temporary.with_name(path.name))
+
+
+def record_worker(trial) -> None:
+    write_whole(Path(trial.working_dir, WORKER_FILE), json.dumps({
+        "slurm_job": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
+        "reserved_at": iso(trial.start_time)}))
+
+
+def record_outcome(trial, outcome: str) -> None:
+    if WORKER_RECORDS is None:
+        return
+    line = json.dumps({"trial": trial.id if trial is not None else None, "outcome": outcome, "end": time.time()}) + "\n"
+    with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as file:
+        file.write(line)
+
+
+def consume_and_record(self, trial, **kwargs):
+    """Oríon's run of one trial (`Consumer.__call__`), which records who ran it and how it ended."""
+    record_worker(trial)
+    try:
+        results = ORIONS_CONSUMER_CALL(self, trial, **kwargs)
+    except ExecutionError as error:
+        interrupted = error.return_code == orion.core.config.worker.interrupt_signal_code
+        record_outcome(trial, ("killed" if getattr(error, "killed", False) else "interrupted")
+                       if interrupted else "broken")
+        raise
+    except KeyboardInterrupt:
+        record_outcome(trial, "interrupted")
+        raise
+    except Exception:  # No results file, or an unreadable one: Oríon marks it broken.
+        record_outcome(trial, "broken")
+        raise
+    record_outcome(trial, "completed")
+    return results
 
 
 def hunt(hunt_arguments: list[str]) -> int:
     """`orion hunt ARGUMENTS...` that runs exactly max_trials trials, whatever the number of workers.
 
-    A worker with nothing left to run exits 0 at once.
+    A worker with nothing left to run exits 0 at once. `--worker-records DIR` first: where it
+    records the trials it runs.
     """
+    global WORKER_RECORDS
+    if hunt_arguments[:1] == ["--worker-records"]:
+        WORKER_RECORDS, hunt_arguments = Path(hunt_arguments[1]), hunt_arguments[2:]
+        WORKER_RECORDS.mkdir(parents=True, exist_ok=True)
+    Consumer.__call__ = consume_and_record
     Producer.produce = produce_within_budget
     Producer.observe = observe_patiently
     Experiment.is_done = property(done_within_budget)
@@ -242,7 +313,69 @@ def hunt(hunt_arguments: list[str]) -> int:
     # imports torch (3.8 s and ~400 MiB per worker; see `main`): only hunt's parser here.
     parser = OrionArgsParser()
     orion.core.cli.hunt.add_subparser(parser.get_subparsers())
-    return parser.execute(["hunt", *hunt_arguments]) or 0
+    try:
+        return parser.execute(["hunt", *hunt_arguments]) or 0
+    except LazyWorkers:
+        # Nothing to run for worker.idle_timeout: ASHA waiting for a rung to fill. Success only if
+        # the budget is reached, which `job-verdict` checks in the database.
+        print("No trial came for this worker within its idle_timeout: it stops", flush=True)
+        record_outcome(None, "idle_timeout")
+        return 0
+
+
+# --- job-verdict: what a job ran, and its exit code ---------------------------------------------
+# `orion hunt` exits 0 even when every trial broke. The verdict comes from what the job's workers
+# recorded (--worker-records) and from the database, never from their logs.
+
+
+def read_worker_records(folder: Path) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # A line cut short by a kill.
+                continue
+    return records
+
+
+def job_verdict(args) -> int:
+    """Says what this job's workers ran and how it ended; exit 1 if a trial broke or was killed, or
+    the search stopped short of its budget, or a worker failed (--hunt-status)."""
+    records = read_worker_records(Path(args.worker_records))
+    outcomes = collections.Counter(r.get("outcome") for r in records if r.get("trial"))
+    ran = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+    print(f"This job ran {sum(outcomes.values())} trial(s) of experiment {args.experiment}"
+          + (f": {ran}" if ran else ""))
+    db = f"ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS={args.database}"
+    verdict = 0
+    if outcomes["broken"]:
+        print(f"error: {outcomes['broken']} trial(s) of this job broke; their logs are in "
+              f"{trials_dir_of(args)}/<trial id>/train.log", file=sys.stderr)
+        verdict = 1
+        experiment, trials = open_experiment(args)
+        # Past max_broken, Oríon runs no trial of this experiment any more, in any job.
+        if sum(t.status == "broken" for t in trials) >= experiment.max_broken:
+            print(f"error: experiment {args.experiment} has too many broken trials and runs nothing more: fix "
+                  f"the cause (a broken trial's train.log), then remove them with: {db} uv run orion db rm "
+                  f"{args.experiment} --status broken --force", file=sys.stderr)
+    if outcomes["killed"]:
+        # Its worker stopped; the trial is `interrupted` and the next worker resumes it (README, "How a trial ends").
+        print(f"error: {outcomes['killed']} trial(s) of this job were killed (SIGKILL: out of host memory?); they "
+              "resume in the next job or worker. If it keeps happening: sacct -j "
+              f"{os.environ.get('SLURM_JOB_ID', '<job id>')} --format=JobID,State,MaxRSS", file=sys.stderr)
+        verdict = 1
+    if any(r.get("outcome") == "idle_timeout" for r in records):
+        experiment, trials = open_experiment(args)
+        if not is_done(experiment, trials):
+            print(f"error: a worker of this job waited its idle_timeout for a trial, and the search is not done "
+                  f"({by_status(trials)}; budget {experiment.max_trials}): see `{db} uv run orion status -n "
+                  f"{args.experiment}`", file=sys.stderr)
+            verdict = 1
+    if args.hunt_status != 0 and verdict == 0:
+        print(f"error: a worker of this job failed (exit status {args.hunt_status}; see above)", file=sys.stderr)
+        verdict = 1
+    return verdict
 
 
 # --- summary and report: what the search found ------------------------------------------------
@@ -456,7 +589,7 @@ def report(args) -> int:
     if best is None:
         lines.append("Best: no trial completed yet")
     else:
-        lines += [f"Best objective: {best.objective.value:.4f} (1 - validation accuracy)",
+        lines += [f"Best objective: {best.objective.value:.4f} ({best.objective.name})",
                   f"Best hyperparameters: {format_params(best)}",
                   f"Best trial: {best.id}, folder {trials_dir / best.id}"]
     lines.append(f"Epochs trained: {len(epochs)} (in {sum(bool(r) for r in metrics.values())} trial folders; "
@@ -680,6 +813,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     command.add_argument("--job-id", required=True, help="this job's $SLURM_JOB_ID")
     command.add_argument("--since", required=True, type=float,
                          help="when this run of the job started, in seconds since the epoch")
+
+    command = subcommands.add_parser("job-verdict", parents=[common], help=job_verdict.__doc__.split("\n")[0])
+    command.set_defaults(run=job_verdict)
+    command.add_argument("--worker-records", required=True, help="hunt's --worker-records of this job")
+    command.add_argument("--hunt-status", required=True, type=int, help="the workers' exit status")
+    command.add_argument("--experiment", required=True, help="the experiment's name")
+    command.add_argument("--trials-dir", help="orion hunt's --working-dir (default: <database folder>/<experiment>)")
 
     command = subcommands.add_parser("check-database", parents=[common], help=check_database.__doc__.split("\n")[0])
     command.set_defaults(run=check_database)

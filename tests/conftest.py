@@ -1,4 +1,9 @@
-"""Shared fixtures: the generated CIFAR-10 look-alike and helpers to run main.py and Oríon."""
+"""Shared fixtures: the data set's generated sample, and helpers to run main.py, Oríon and Slurm.
+
+Nothing here depends on CIFAR-10: the data come from the module main.py imports as `dataset`
+(its `write_sample` and `stage`), so these tests keep working when main.py trains on other data.
+Only tests/test_cifar10.py is about CIFAR-10 itself.
+"""
 
 import importlib.util
 import os
@@ -12,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar10_lookalike import write_cifar10_archive, write_cifar10_lookalike
+import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PY = REPO_ROOT / "main.py"
@@ -21,31 +26,37 @@ README = REPO_ROOT / "README.md"
 STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
 
 
-def standin_hunt_command(experiment: str, config: Path, working_dir: Path, *trial_args) -> list[str]:
+def standin_hunt_command(experiment: str, config: Path, working_dir: Path, *trial_args,
+                         worker_records: Path | None = None) -> list[str]:
     """An `orion_tools.py hunt` worker as job.sh starts one (run it from REPO_ROOT), with the
     stand-in as its trial and `--learning-rate` searched. --working-dir as in job.sh: without it
     each worker makes a temporary folder for the trials and deletes it when it exits, under the
     trials the other workers still run."""
-    return [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", experiment,
+    records = ["--worker-records", str(worker_records)] if worker_records else []
+    return [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", *records, "-n", experiment,
             "--config", str(config), "--working-dir", str(working_dir),
             sys.executable, str(STANDIN_TRIAL), "--learning-rate~loguniform(1e-5, 1.0)",
             *map(str, trial_args)]
 
 
-# The human line main.py logs per epoch (other tools parse it); everything else that tests
-# check about an epoch comes from the trial's metrics.jsonl (`read_metrics`).
+# The human line main.py logs per epoch, a format kept for people who grep it; everything else
+# that tests check about an epoch comes from the trial's metrics.jsonl (`read_metrics`).
 EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
-OBJECTIVE_LINE = re.compile(r"Objective \(1 - validation accuracy\): \S+")
-# Small enough that one CPU epoch takes a few seconds, learnable enough to beat chance.
-IMAGES_PER_BATCH = 100  # x5 training batches -> 450 train / 50 validation images.
+OBJECTIVE_LINE = re.compile(rf"Objective \({re.escape(main.OBJECTIVE)}\): \S+")
+
+
+def write_sample(folder: Path, images: int = 500) -> Path:
+    """The data set's small generated sample, in its own format (what job.sh stages): its path."""
+    return main.dataset.write_sample(Path(folder), images=images)
 
 
 @pytest.fixture(scope="session")
-def cifar_data_dir(tmp_path_factory) -> Path:
-    """A --data-dir holding cifar-10-batches-py/ (read-only use: copy it before changing it)."""
-    data_dir = tmp_path_factory.mktemp("data")
-    write_cifar10_lookalike(data_dir, images_per_batch=IMAGES_PER_BATCH)
-    return data_dir
+def data_dir(tmp_path_factory) -> Path:
+    """A --data-dir holding the data set's sample, staged as job.sh stages it (read-only use:
+    copy it before changing it). Small enough for a CPU epoch of a few seconds."""
+    folder = tmp_path_factory.mktemp("data")
+    main.dataset.stage(folder / "staged", write_sample(folder / "source"))
+    return folder / "staged"
 
 
 def import_benchmark(script: Path):
@@ -146,14 +157,10 @@ def read_trials(database: Path, experiment: str | None = None) -> list[dict]:
 # --- Submitting job.sh ------------------------------------------------------------------
 
 
-def make_job_env(folder: Path, images_per_batch: int = 100) -> dict:
-    """What a user has: $SCRATCH, a home for Oríon's global config, the staged archive."""
-    write_cifar10_archive(folder / "datasets", images_per_batch=images_per_batch)
-    return dict(
-        SCRATCH=folder / "scratch",
-        XDG_CONFIG_HOME=folder / "config",
-        CIFAR10_ARCHIVE=folder / "datasets" / "cifar-10-python.tar.gz",
-    )
+def make_job_env(folder: Path, images: int = 500) -> dict:
+    """What a user has: $SCRATCH, a home for Oríon's global config, the data set where job.sh stages it from."""
+    return {"SCRATCH": folder / "scratch", "XDG_CONFIG_HOME": folder / "config",
+            main.dataset.SOURCE_VARIABLE: write_sample(folder / "datasets", images)}
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Without a GPU, only the fallback is tested (the graph tests skip and say so); on
 machine, run `python -m pytest tests/test_cuda_graph.py` (benchmarks/run_gpu.sh does).
 """
 
-import argparse
+import functools
 import signal
 import subprocess
 import sys
@@ -14,34 +14,41 @@ import torch
 
 import main
 from conftest import MAIN_PY, REPO_ROOT, clean_env, read_metrics, run_main
+from trial_support import Data, Trial
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 # bf16 autocast: eager and graph runs may pick other kernels, so losses agree to bf16's precision.
 BF16_TOLERANCE = dict(rel=0.05, abs=0.02)
 
 
-def step_args(**overrides) -> argparse.Namespace:
-    defaults = dict(learning_rate=1e-3, weight_decay=1e-4, batch_size=64, augment=False, cuda_graph=False,
-                    compile=None)
-    return argparse.Namespace(**{**defaults, **overrides})
+def step_args(**overrides) -> list[str]:
+    arguments = dict(learning_rate=1e-3, weight_decay=1e-4, batch_size=64, **overrides)
+    argv = [f"--{name.replace('_', '-')}={value}" for name, value in arguments.items() if not isinstance(value, bool)]
+    return argv + [f"--{name.replace('_', '-')}" for name, value in arguments.items() if value is True]
 
 
-def losses_of_steps(args, n_steps: int) -> list[float]:
-    """The loss of each of `n_steps` training steps on fixed random batches, from a fixed initialization."""
-    hardware = main.pick_hardware()
+def losses_of_steps(argv: list[str], n_steps: int) -> list[float]:
+    """The loss of each of `n_steps` training steps on fixed random batches, from a fixed initialization,
+    with main.py's model, optimizer and step as its main() builds them."""
+    args = main.parse_args(argv)
+    trial = Trial(args)
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (n_steps, args.batch_size, 3, 32, 32), dtype=torch.uint8, device=hardware.device)
-    labels = torch.randint(0, 10, (n_steps, args.batch_size), device=hardware.device)
-    model, optimizer = main.build_model_and_optimizer(args, hardware)
-    step = main.make_train_step(model, optimizer, args, hardware)
+    images = torch.randint(0, 256, (n_steps, args.batch_size, 3, 32, 32), dtype=torch.uint8, device=trial.device)
+    labels = torch.randint(0, 10, (n_steps, args.batch_size), device=trial.device)
+    data = Data(images[0], labels[0], images[0], labels[0], classes=10, mean=(128.0,) * 3, std=(64.0,) * 3,
+                memory_format=trial.memory_format)
+    model = trial.place(main.build_model(args, data))
+    optimizer = main.build_optimizer(args, model, trial)
+    step = trial.make_step(functools.partial(main.train_step, data=data, trial=trial, augment=args.augment),
+                           model, optimizer, data)
     losses = [(step(images[i], labels[i]) / args.batch_size).item() for i in range(n_steps)]
     return losses, step
 
 
-def test_without_a_gpu_cuda_graph_warns_and_trains_eagerly(cifar_data_dir, tmp_path):
+def test_without_a_gpu_cuda_graph_warns_and_trains_eagerly(data_dir, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the graph tests below run instead")
-    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--batch-size", "64", "--cuda-graph",
+    result = run_main("--data-dir", data_dir, "--epochs", "1", "--batch-size", "64", "--cuda-graph",
                       "--checkpoint-dir", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "--cuda-graph needs a GPU and no --compile: training without the graph" in result.stdout
@@ -62,16 +69,16 @@ def test_graph_losses_match_eager_losses(augment):
 
 
 @needs_cuda
-def test_graph_training_learns(cifar_data_dir, tmp_path):
-    result = run_main("--data-dir", cifar_data_dir, "--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3",
+def test_graph_training_learns(data_dir, tmp_path):
+    result = run_main("--data-dir", data_dir, "--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3",
                       "--cuda-graph", "--checkpoint-dir", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert read_metrics(tmp_path)[-1]["val_accuracy"] > 0.3  # Chance is 0.1.
+    assert read_metrics(tmp_path)[-1]["val_accuracy"] > 3 / main.dataset.load(data_dir)["classes"]  # 3x chance.
 
 
 @needs_cuda
-def test_sigterm_with_the_graph_resumes_like_an_uninterrupted_run(cifar_data_dir, tmp_path):
-    args = ["--data-dir", cifar_data_dir, "--epochs", "3", "--batch-size", "16", "--learning-rate", "1e-3",
+def test_sigterm_with_the_graph_resumes_like_an_uninterrupted_run(data_dir, tmp_path):
+    args = ["--data-dir", data_dir, "--epochs", "3", "--batch-size", "16", "--learning-rate", "1e-3",
             "--cuda-graph"]
     reference = run_main(*args, "--checkpoint-dir", tmp_path / "reference")
     assert reference.returncode == 0, reference.stdout + reference.stderr

@@ -12,7 +12,6 @@ import pytest
 from orion.client import get_experiment
 
 import orion_tools
-from cifar10_lookalike import write_cifar10_archive
 from conftest import (REPO_ROOT, database, job_environment, make_job_env, read_metrics, read_trials,
                       readme_commands, sbatch_wait, trials_dir)
 
@@ -63,7 +62,7 @@ def test_five_workers_share_one_gpu_concurrently(slurm_env, job_env, tmp_path):
     [command] = [c for c in readme_commands("sbatch") if "--ntasks-per-gpu=5 --cpus-per-task" in c]
     args = [a for a in shlex.split(command)[1:] if not a.startswith("--array")]
     # Small data, small batches: five trials share this machine's two cores.
-    write_cifar10_archive(tmp_path / "datasets", images_per_batch=20)
+    job_env = make_job_env(tmp_path, images=100)
     code, output = sbatch_wait(slurm_env, job_env, tmp_path, *args, "--epochs", "1", "--batch-size", "32",
                                ORION_MAX_TRIALS=5)
     assert code == 0, output
@@ -81,7 +80,7 @@ def asha_search(slurm_env, tmp_path_factory):
     Returns Oríon's trials and, by trial id, the records of its metrics.jsonl.
     """
     tmp_path = tmp_path_factory.mktemp("asha")
-    job_env = make_job_env(tmp_path, images_per_batch=20)
+    job_env = make_job_env(tmp_path, images=100)
     code, output = sbatch_wait(slurm_env, job_env, tmp_path, "--array=1-2", "job.sh", "--batch-size", "32",
                                ALGORITHM="asha", ORION_MAX_TRIALS=8)
     assert code == 0, output
@@ -236,27 +235,15 @@ def test_rerun_with_a_larger_budget_and_other_workers_extends_the_search(dry_run
 def test_rerun_of_an_asha_search_extends_it(tmp_path):
     # What the second job of an ASHA array does: continue the experiment with its algorithm's
     # stored configuration, whose `repetitions` is infinite.
-    job_env = make_job_env(tmp_path, images_per_batch=20)
+    job_env = make_job_env(tmp_path, images=100)
     for budget in (1, 2):
         result = bash_job(job_env, "--batch-size", "32", ALGORITHM="asha", ORION_MAX_TRIALS=budget)
         assert result.returncode == 0, result.stdout + result.stderr
     assert [t["status"] for t in trials_of(job_env)] == ["completed", "completed"]
 
 
-def test_missing_archive_offline_names_cifar10_archive(job_env, tmp_path):
-    result = bash_job({**job_env, "CIFAR10_ARCHIVE": tmp_path / "missing.tar.gz"},
-                      CIFAR10_URL=f"file://{tmp_path}/unreachable")  # A download that fails, offline.
-    assert result.returncode != 0
-    assert f"error: CIFAR10_ARCHIVE={tmp_path}/missing.tar.gz does not exist and the download failed" in result.stderr
-    assert "export CIFAR10_ARCHIVE=" in result.stderr
 
 
-def test_downloaded_archive_with_wrong_md5_is_refused(job_env, tmp_path):
-    # A "download" (from a local file) of a look-alike: it is not the official archive.
-    result = bash_job({**job_env, "CIFAR10_ARCHIVE": tmp_path / "missing.tar.gz"},
-                      CIFAR10_URL=f"file://{job_env['CIFAR10_ARCHIVE']}")
-    assert result.returncode != 0
-    assert "is not the official archive (MD5 mismatch)" in result.stderr
 
 
 def test_job_sh_is_shellcheck_clean():
@@ -353,18 +340,3 @@ def test_scratch_that_cannot_be_written_is_refused(job_env, unwritable_scratch):
                      rf"\$SCRATCH={unwritable_scratch} must be a folder of yours that every node can write to; "
                      r"export another, then submit again$", result.stderr, re.MULTILINE), result.stderr
 
-
-def test_slurm_tmpdir_without_space_is_refused(job_env, tmp_path):
-    # An archive larger than the free space where the dry run makes its $SLURM_TMPDIR ($TMPDIR):
-    # sparse, it takes no space itself.
-    (tmp_path / "tmp").mkdir()
-    archive = tmp_path / "big" / "cifar-10-python.tar.gz"
-    archive.parent.mkdir()
-    with open(archive, "wb") as file:
-        file.truncate(shutil.disk_usage(tmp_path / "tmp").free + 10**9)
-    result = bash_job({**job_env, "CIFAR10_ARCHIVE": archive}, TMPDIR=tmp_path / "tmp")
-    assert result.returncode == 1
-    assert re.search(r"^error: SLURM_TMPDIR=\S+ on \S+ has \d+ MB free, and staging CIFAR-10 needs about \d+ MB "
-                     r"\(the archive and its extracted files\): export TMPDIR=", result.stderr, re.MULTILINE), \
-        result.stderr
-    assert not list((tmp_path / "tmp").iterdir())  # Nothing copied, and the temporary folder removed.

@@ -13,7 +13,7 @@ def orion(*args, env, timeout=600):
     )
 
 
-def test_hunt_three_trials_then_info_and_plot(cifar_data_dir, tmp_path):
+def test_hunt_three_trials_then_info_and_plot(data_dir, tmp_path):
     database = tmp_path / "orion.pkl"
     config = tmp_path / "orion-config.yml"
     config.write_text(
@@ -26,7 +26,7 @@ def test_hunt_three_trials_then_info_and_plot(cifar_data_dir, tmp_path):
     env = clean_env(HOME=tmp_path, ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=database)
     hunt = orion(
         "hunt", "-n", "test-hunt", "--config", config, "--working-dir", tmp_path / "trials",
-        "python", MAIN_PY, "--data-dir", cifar_data_dir, "--epochs", "1", "--batch-size", "64",
+        "python", MAIN_PY, "--data-dir", data_dir, "--epochs", "1", "--batch-size", "64",
         "--learning-rate~loguniform(1e-4, 1e-2)",
         env=env,
     )
@@ -60,8 +60,8 @@ def test_main_writes_the_same_results_file_as_orion_client(tmp_path):
     for path in files.values():
         path.write_text("")  # Oríon creates the file before it starts the trial; orion.client requires it.
     reporters = {
-        "orion": "from orion.client import report_objective; report_objective(0.3125)",
-        "main": "import main; main.report_objective(0.3125)",
+        "orion": "import main; from orion.client import report_objective; report_objective(0.3125, main.OBJECTIVE)",
+        "main": "import main, trial_support; trial_support.report_objective(main.OBJECTIVE, 0.3125)",
     }
     for name, code in reporters.items():
         result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO_ROOT, capture_output=True,

@@ -1,6 +1,7 @@
 """orion_tools.py against a real PickledDB file (no Oríon mocked)."""
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -28,18 +29,27 @@ def experiment(database):
     return build_experiment("exp", space={"x": "uniform(0, 1)"}, storage=orion_tools.storage(database))
 
 
-def reserved_trial(experiment, trials_dir, log: bytes | None, heartbeat=BEFORE_JOB_START):
-    """A trial left `reserved` with this heartbeat, and this train.log (None: no log)."""
-    trial = experiment.insert(params={"x": 0.5})
+def reserve(experiment, heartbeat=BEFORE_JOB_START):
+    """Reserves the experiment's next trial, as a worker does; its heartbeat then set to `heartbeat`."""
+    trial = experiment.storage.reserve_trial(experiment._experiment)
     experiment.storage.set_trial_status(trial, status="reserved", heartbeat=heartbeat)
-    if log is not None:
-        (trials_dir / trial.id).mkdir(parents=True)
-        (trials_dir / trial.id / "train.log").write_bytes(log)
     return trial
 
 
-def log_of(*jobs) -> bytes:
-    return b"".join(b"INFO Running in Slurm job %s on node1\nEpoch 0: Val loss\n" % j.encode() for j in jobs)
+def write_worker_file(trials_dir, trial, job_id: str, content: str | None = None) -> None:
+    """The worker.json that `orion_tools.py hunt` writes when it starts running the trial."""
+    (trials_dir / trial.id).mkdir(parents=True, exist_ok=True)
+    (trials_dir / trial.id / orion_tools.WORKER_FILE).write_text(content if content is not None else json.dumps(
+        {"slurm_job": job_id, "host": "node1", "pid": 42, "reserved_at": trial.start_time.isoformat()}))
+
+
+def reserved_trial(experiment, trials_dir, job_id: str | None, heartbeat=BEFORE_JOB_START):
+    """A trial left `reserved` with this heartbeat by a worker of job `job_id` (None: no worker.json)."""
+    experiment.insert(params={"x": 0.5})
+    trial = reserve(experiment, heartbeat)
+    if job_id is not None:
+        write_worker_file(trials_dir, trial, job_id)
+    return trial
 
 
 def reclaim(database, trials_dir, experiment="exp"):
@@ -52,38 +62,54 @@ def status(database, trial) -> str:
 
 
 def test_reclaim_marks_interrupted_a_trial_this_job_left_reserved(database, experiment, tmp_path):
-    trial = reserved_trial(experiment, tmp_path, log_of("7", JOB_ID))
+    trial = reserved_trial(experiment, tmp_path, JOB_ID)
     reclaim(database, tmp_path)
     assert status(database, trial) == "interrupted"
 
 
 def test_reclaim_leaves_a_trial_last_run_by_another_job(database, experiment, tmp_path):
-    trial = reserved_trial(experiment, tmp_path, log_of(JOB_ID, "7"))
+    trial = reserved_trial(experiment, tmp_path, "7")
     reclaim(database, tmp_path)
     assert status(database, trial) == "reserved"
 
 
 def test_reclaim_leaves_a_trial_reserved_since_this_job_started(database, experiment, tmp_path):
-    # Another worker reserved it (heartbeat now) but its main.py has not logged its line yet.
-    trial = reserved_trial(experiment, tmp_path, log_of(JOB_ID), heartbeat=datetime.datetime.utcnow())
+    # Another worker reserved it (heartbeat now) but has not written its worker.json yet.
+    trial = reserved_trial(experiment, tmp_path, JOB_ID, heartbeat=datetime.datetime.utcnow())
     reclaim(database, tmp_path)
     assert status(database, trial) == "reserved"
 
 
-def test_reclaim_leaves_a_trial_without_train_log(database, experiment, tmp_path):
-    trial = reserved_trial(experiment, tmp_path, log=None)
+def test_reclaim_leaves_a_trial_another_job_reserved_again_before_writing_its_worker_file(
+        database, experiment, tmp_path):
+    # This job ran the trial and was killed; the trial was taken back and became `interrupted`;
+    # a worker of another job reserved it before this job restarted (its heartbeat is older than
+    # this run), and has not yet written its own worker.json: ours is still there.
+    experiment.insert(params={"x": 0.5})
+    earlier = reserve(experiment)
+    write_worker_file(tmp_path, earlier, JOB_ID)
+    experiment.storage.set_trial_status(earlier, status="interrupted", was="reserved")
+    time.sleep(0.01)  # Another reservation, another start_time.
+    trial = reserve(experiment)
     reclaim(database, tmp_path)
     assert status(database, trial) == "reserved"
 
 
-def test_reclaim_reads_a_train_log_that_is_not_utf8(database, experiment, tmp_path):
-    trial = reserved_trial(experiment, tmp_path, b"\xff\xfe cut mid-character \xc3\n" + log_of(JOB_ID))
+def test_reclaim_leaves_a_trial_without_worker_file(database, experiment, tmp_path):
+    trial = reserved_trial(experiment, tmp_path, job_id=None)
     reclaim(database, tmp_path)
-    assert status(database, trial) == "interrupted"
+    assert status(database, trial) == "reserved"
+
+
+def test_reclaim_reads_past_a_worker_file_cut_short(database, experiment, tmp_path):
+    trial = reserved_trial(experiment, tmp_path, job_id=None)
+    write_worker_file(tmp_path, trial, JOB_ID, content='{"slurm_job": "42", "ho')
+    assert reclaim(database, tmp_path) == 0
+    assert status(database, trial) == "reserved"
 
 
 def test_mark_interrupted_is_false_for_a_trial_another_worker_changed(database, experiment, tmp_path):
-    trial = reserved_trial(experiment, tmp_path, log_of(JOB_ID))
+    trial = reserved_trial(experiment, tmp_path, JOB_ID)
     [stale] = experiment.fetch_trials_by_status("reserved")
     experiment.storage.set_trial_status(trial, status="completed", was="reserved")  # Meanwhile.
     assert orion_tools.mark_interrupted(experiment, stale) is False
@@ -116,8 +142,9 @@ def start_workers(tmp_path, n_workers: int, budget: int, trial_seconds: float) -
         # Oríon's LazyWorkers wait, far beyond this test: a spare worker must not need it.
         "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n"
     )
-    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl")
-    command = standin_hunt_command("budget", config, tmp_path / "trials", "--sleep", trial_seconds)
+    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl", SLURM_JOB_ID="1234")
+    command = standin_hunt_command("budget", config, tmp_path / "trials", "--sleep", trial_seconds,
+                                   worker_records=tmp_path / "records")
     # Each worker's output in a file of tmp_path, to read when a test fails.
     return [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=open(tmp_path / f"worker-{i}.log", "w"),
                              stderr=subprocess.STDOUT) for i in range(n_workers)]
@@ -144,24 +171,45 @@ def more_workers_than_budget(tmp_path_factory):
     """5 workers, a budget of 3 trials of 20 s each."""
     tmp_path = tmp_path_factory.mktemp("budget-3")
     ended = wait_for_workers(start_workers(tmp_path, n_workers=5, budget=3, trial_seconds=20))
-    return ended, trials_of(tmp_path)
+    return ended, trials_of(tmp_path), tmp_path
 
 
 def test_more_workers_than_budget_run_exactly_the_budget(more_workers_than_budget):
-    _, trials = more_workers_than_budget
+    _, trials, _ = more_workers_than_budget
     assert [t.status for t in trials] == ["completed"] * 3
 
 
 def test_every_worker_exits_0(more_workers_than_budget):
-    ended, _ = more_workers_than_budget
+    ended, _, _ = more_workers_than_budget
     assert [code for code, _ in ended] == [0] * 5
 
 
 def test_spare_workers_exit_before_the_trials_end(more_workers_than_budget):
-    ended, trials = more_workers_than_budget
+    ended, trials, _ = more_workers_than_budget
     first_trial_end = min(t.end_time for t in trials).replace(tzinfo=datetime.timezone.utc).timestamp()
     exit_times = sorted(seen for _, seen in ended)
     assert exit_times[1] < first_trial_end  # Not Oríon's LazyWorkers wait (here 600 s).
+
+
+def test_each_worker_records_the_trials_it_ran(more_workers_than_budget):
+    ended, trials, tmp_path = more_workers_than_budget
+    records = orion_tools.read_worker_records(tmp_path / "records")
+    assert sorted((r["trial"], r["outcome"]) for r in records) == sorted((t.id, "completed") for t in trials)
+
+
+def test_a_trials_folder_names_its_worker_and_reservation(more_workers_than_budget):
+    _, trials, tmp_path = more_workers_than_budget
+    for trial in trials:
+        worker = orion_tools.worker_of(tmp_path / "trials" / trial.id)
+        assert (worker["slurm_job"], worker["reserved_at"]) == ("1234", trial.start_time.isoformat())
+
+
+def test_job_verdict_counts_the_trials_the_job_ran(more_workers_than_budget, capsys):
+    _, _, tmp_path = more_workers_than_budget
+    code = orion_tools.main(["job-verdict", "--worker-records", str(tmp_path / "records"), "--hunt-status", "0",
+                             "--experiment", "budget", "--database", str(tmp_path / "orion_db.pkl")])
+    assert code == 0
+    assert capsys.readouterr().out == "This job ran 3 trial(s) of experiment budget: 3 completed\n"
 
 
 def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import main
+import trial_support
 
 from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, database, read_metrics, read_trials,
                       run_main, submit, trials_dir)
-# 450 training images in batches of 32: 15 steps per epoch, a few seconds on this CPU.
+# The sample (450 training images for CIFAR-10) in batches of 32: a few seconds per epoch on this CPU.
 TRAIN_ARGS = ["--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3"]
 
 
@@ -38,10 +39,10 @@ def log_text(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(cifar_data_dir, tmp_path_factory):
+def uninterrupted(data_dir, tmp_path_factory):
     """The reference: the same run, never interrupted."""
     trial_dir = tmp_path_factory.mktemp("reference")
-    result = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", trial_dir)
+    result = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", trial_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, trial_dir
 
@@ -51,10 +52,10 @@ def learning_curve(trial_dir) -> list[tuple]:
     return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in read_metrics(trial_dir)]
 
 
-def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cifar_data_dir, tmp_path, uninterrupted):
+def test_sigterm_mid_epoch_then_resume_reproduces_the_run(data_dir, tmp_path, uninterrupted):
     log = tmp_path / "train.log"
     process = subprocess.Popen(
-        [sys.executable, MAIN_PY, "--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path],
+        [sys.executable, MAIN_PY, "--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path],
         env=clean_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     wait_for(lambda: "Epoch 0 trained in" in log_text(log), 300, "the first epoch")
@@ -66,7 +67,7 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cifar_data_dir, tmp_pa
     assert saved, output
     assert int(saved[1]) == 1 and int(saved[2]) < 15  # Within epoch 1, not at its end.
 
-    resumed = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    resumed = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     step = f", step {saved[2]}" if int(saved[2]) else ""
     assert re.search(rf"Resuming training at epoch 1{step}\s", resumed.stdout)
@@ -75,26 +76,26 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cifar_data_dir, tmp_pa
     assert OBJECTIVE_LINE.findall(resumed.stdout) == OBJECTIVE_LINE.findall(uninterrupted[0])
 
 
-def test_finished_checkpoint_reports_without_retraining(cifar_data_dir, tmp_path, uninterrupted):
-    first = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
-    again = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+def test_finished_checkpoint_reports_without_retraining(data_dir, tmp_path, uninterrupted):
+    first = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    again = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
     assert again.returncode == 0
     assert "Resuming training at epoch 2" in again.stdout
     assert EPOCH_LINE.findall(again.stdout) == []  # Nothing trained again.
     assert OBJECTIVE_LINE.findall(again.stdout) == OBJECTIVE_LINE.findall(first.stdout)
 
 
-def test_unreadable_checkpoint_warns_and_starts_over(cifar_data_dir, tmp_path):
+def test_unreadable_checkpoint_warns_and_starts_over(data_dir, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
+    result = run_main("--data-dir", data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Cannot read checkpoint" in result.stdout
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["training_state"]["epoch"] == 1  # Replaced.
 
 
-def test_checkpoint_of_another_run_is_refused(cifar_data_dir, tmp_path):
-    assert run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path).returncode == 0
-    other = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--learning-rate", "0.1",
+def test_checkpoint_of_another_run_is_refused(data_dir, tmp_path):
+    assert run_main("--data-dir", data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path).returncode == 0
+    other = run_main("--data-dir", data_dir, "--epochs", "1", "--learning-rate", "0.1",
                      "--checkpoint-dir", tmp_path)
     assert other.returncode == 1
     assert other.stderr.startswith(f"error: {tmp_path / 'checkpoint.pt'} belongs to another run")
@@ -109,25 +110,25 @@ def test_checkpoint_of_another_run_is_refused(cifar_data_dir, tmp_path):
         [1, 2, 3],  # Not even a dict.
     ],
 )
-def test_checkpoint_of_another_format_is_refused_in_one_line(cifar_data_dir, tmp_path, content):
+def test_checkpoint_of_another_format_is_refused_in_one_line(data_dir, tmp_path, content):
     torch.save(content, tmp_path / "checkpoint.pt")
-    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
+    result = run_main("--data-dir", data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
     assert result.returncode == 1
     assert result.stderr == (f"error: {tmp_path / 'checkpoint.pt'} was not written by this version of main.py: "
                              "delete it to start this trial over, or pass another --checkpoint-dir\n")
 
 
-def test_checkpoint_that_is_a_folder_is_refused_in_one_line(cifar_data_dir, tmp_path):
+def test_checkpoint_that_is_a_folder_is_refused_in_one_line(data_dir, tmp_path):
     (tmp_path / "checkpoint.pt").mkdir()
-    result = run_main("--data-dir", cifar_data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
+    result = run_main("--data-dir", data_dir, "--epochs", "1", "--checkpoint-dir", tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {tmp_path / 'checkpoint.pt'} is a folder, not a checkpoint")
 
 
-def test_metrics_file_follows_the_checkpoint(cifar_data_dir, tmp_path, uninterrupted):
+def test_metrics_file_follows_the_checkpoint(data_dir, tmp_path, uninterrupted):
     # A run killed between the checkpoint and its metrics file: the next run rewrites them.
     shutil.copy(uninterrupted[1] / "checkpoint.pt", tmp_path / "checkpoint.pt")
-    result = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    result = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])
 
@@ -135,7 +136,7 @@ def test_metrics_file_follows_the_checkpoint(cifar_data_dir, tmp_path, uninterru
 # --- Under `orion hunt` ----------------------------------------------------------------
 
 
-def start_hunt(tmp_path, cifar_data_dir, **env):
+def start_hunt(tmp_path, data_dir, **env):
     """One Oríon worker, as job.sh runs it (trial in the worker process), in its own process group."""
     config = tmp_path / "orion-config.yml"
     config.write_text(
@@ -145,7 +146,7 @@ def start_hunt(tmp_path, cifar_data_dir, **env):
     env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion.pkl", **env)
     return subprocess.Popen(
         [REPO_ROOT / ".venv" / "bin" / "orion", "hunt", "-n", "preempt", "--config", config,
-         "--working-dir", tmp_path / "trials", sys.executable, MAIN_PY, "--data-dir", cifar_data_dir,
+         "--working-dir", tmp_path / "trials", sys.executable, MAIN_PY, "--data-dir", data_dir,
          "--epochs", "2", "--batch-size", "32", "--learning-rate~loguniform(1e-4, 1e-2)"],
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
@@ -156,15 +157,15 @@ def trial_log(tmp_path) -> str:
     return "".join(log_text(p) for p in (tmp_path / "trials").glob("*/train.log"))
 
 
-def test_interrupted_trial_is_resumed_by_the_next_worker(cifar_data_dir, tmp_path):
-    worker = start_hunt(tmp_path, cifar_data_dir)
+def test_interrupted_trial_is_resumed_by_the_next_worker(data_dir, tmp_path):
+    worker = start_hunt(tmp_path, data_dir)
     wait_for(lambda: "Epoch 0: Val loss" in trial_log(tmp_path), 300, "the first epoch")
     os.killpg(worker.pid, signal.SIGTERM)  # What Slurm does to every process of a step.
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 130, output
     assert [t["status"] for t in read_trials(tmp_path / "orion.pkl")] == ["interrupted"]
 
-    next_worker = start_hunt(tmp_path, cifar_data_dir)
+    next_worker = start_hunt(tmp_path, data_dir)
     output, _ = next_worker.communicate(timeout=600)
     assert next_worker.returncode == 0, output
     assert [t["status"] for t in read_trials(tmp_path / "orion.pkl")] == ["completed"]
@@ -172,8 +173,8 @@ def test_interrupted_trial_is_resumed_by_the_next_worker(cifar_data_dir, tmp_pat
     assert len(re.findall(r"Epoch 0: Val loss", trial_log(tmp_path))) == 1  # Epoch 0 not redone.
 
 
-def test_trial_of_a_killed_worker_is_finished_by_another(cifar_data_dir, tmp_path):
-    worker = start_hunt(tmp_path, cifar_data_dir)
+def test_trial_of_a_killed_worker_is_finished_by_another(data_dir, tmp_path):
+    worker = start_hunt(tmp_path, data_dir)
     wait_for(lambda: any((tmp_path / "trials").glob("*/checkpoint.pt")), 300, "the first checkpoint")
     os.killpg(worker.pid, signal.SIGKILL)  # A node failure: no signal handler runs.
     worker.communicate(timeout=60)
@@ -182,7 +183,7 @@ def test_trial_of_a_killed_worker_is_finished_by_another(cifar_data_dir, tmp_pat
     # With ORION_HEARTBEAT=2 a trial is lost after 5 x 2 s without a heartbeat. (Only for
     # this test: Oríon writes heartbeats every 60 s, so live trials need 5 x ORION_HEARTBEAT > 60.)
     time.sleep(11)
-    next_worker = start_hunt(tmp_path, cifar_data_dir, ORION_HEARTBEAT=2)
+    next_worker = start_hunt(tmp_path, data_dir, ORION_HEARTBEAT=2)
     output, _ = next_worker.communicate(timeout=600)
     assert next_worker.returncode == 0, output
     trials = read_trials(tmp_path / "orion.pkl")
@@ -246,12 +247,12 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm_env, job_env, tmp_path
     assert re.search(r"saved checkpoint at epoch 1, step \d+", log) and "Resuming training at epoch 1" in log
 
 
-def test_promotion_to_more_epochs_equals_training_straight_there(cifar_data_dir, tmp_path, uninterrupted):
+def test_promotion_to_more_epochs_equals_training_straight_there(data_dir, tmp_path, uninterrupted):
     # What a multi-fidelity algorithm (ASHA) does: the same configuration at a higher
     # fidelity, in a copy of the lower rung's folder (Oríon copies a trial's parent's folder).
-    lower_rung = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS[2:], "--epochs", "1", "--checkpoint-dir", tmp_path)
+    lower_rung = run_main("--data-dir", data_dir, *TRAIN_ARGS[2:], "--epochs", "1", "--checkpoint-dir", tmp_path)
     assert lower_rung.returncode == 0, lower_rung.stdout + lower_rung.stderr
-    promoted = run_main("--data-dir", cifar_data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
+    promoted = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", tmp_path)
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     assert "Resuming training at epoch 1" in promoted.stdout
     assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])
@@ -263,40 +264,40 @@ def test_promotion_to_more_epochs_equals_training_straight_there(cifar_data_dir,
 def model_to_save(folder):
     """What save_checkpoint_and_metrics needs for a run in `folder`: (args, model, optimizer)."""
     args = main.parse_args(["--checkpoint-dir", str(folder)])
-    hardware = main.Hardware(torch.device("cpu"), False, torch.contiguous_format)
-    return args, *main.build_model_and_optimizer(args, hardware)
+    model = torch.nn.Linear(64, 8)  # Any model: the checkpoint does not depend on it.
+    return args, model, torch.optim.AdamW(model.parameters())
 
 
 @pytest.fixture
 def full_disk(tmp_path):
     """A checkpoint folder whose every checkpoint write fails with "No space left on device"."""
     # The temporary file this process writes the checkpoint to, before renaming it.
-    main.temporary_path(tmp_path / "checkpoint.pt").symlink_to("/dev/full")
+    trial_support.temporary_path(tmp_path / "checkpoint.pt").symlink_to("/dev/full")
     return tmp_path, *model_to_save(tmp_path)
 
 
 def test_full_disk_during_a_checkpoint_is_a_warning_not_a_crash(full_disk):
     folder, args, model, optimizer = full_disk
-    assert main.save_checkpoint_and_metrics(folder, main.TrainingState(), model, optimizer, args) is False
+    assert trial_support.save_checkpoint_and_metrics(folder, trial_support.TrainingState(), model, optimizer, args) is False
 
 
 def test_full_disk_leaves_no_temporary_file(full_disk):
     folder, args, model, optimizer = full_disk
-    main.save_checkpoint_and_metrics(folder, main.TrainingState(), model, optimizer, args)
+    trial_support.save_checkpoint_and_metrics(folder, trial_support.TrainingState(), model, optimizer, args)
     assert sorted(p.name for p in folder.iterdir()) == []
 
 
 def test_full_disk_on_preemption_still_exits_as_interrupted(full_disk):
     folder, args, model, optimizer = full_disk
     with pytest.raises(SystemExit) as exit_info:
-        main.save_and_exit_interrupted(folder, main.TrainingState(), model, optimizer, args, signal.SIGTERM)
+        trial_support.save_and_exit_interrupted(folder, trial_support.TrainingState(), model, optimizer, args, signal.SIGTERM)
     assert exit_info.value.code == 130  # Oríon's "interrupted": resumed later, not counted as broken.
 
 
 def test_full_disk_while_writing_metrics_keeps_the_previous_file(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n')
-    main.temporary_path(tmp_path / "metrics.jsonl").symlink_to("/dev/full")
-    main.write_metrics(tmp_path, main.TrainingState(history=[{"epoch": 0}, {"epoch": 1}]))
+    trial_support.temporary_path(tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    trial_support.write_metrics(tmp_path, trial_support.TrainingState(history=[{"epoch": 0}, {"epoch": 1}]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # No temporary file left.
     assert read_metrics(tmp_path) == [{"epoch": 0}]
 
@@ -306,7 +307,7 @@ def test_full_disk_while_writing_metrics_keeps_the_previous_file(tmp_path):
 
 def write_half_a_checkpoint(folder: Path, half_written, finish) -> None:
     """Another worker's checkpoint save, paused half-way (as main.py names its temporary file)."""
-    with open(main.temporary_path(folder / "checkpoint.pt"), "wb") as file:
+    with open(trial_support.temporary_path(folder / "checkpoint.pt"), "wb") as file:
         file.write(b"1" * 2**20)  # Past the start of the model's weights in a checkpoint.
         file.flush()
         half_written.set()
@@ -323,7 +324,7 @@ def test_a_second_worker_writing_the_same_trial_cannot_corrupt_its_checkpoint(tm
     other_worker.start()
     assert half_written.wait(60)
     args, model, optimizer = model_to_save(tmp_path)
-    assert main.save_checkpoint_and_metrics(tmp_path, main.TrainingState(), model, optimizer, args) is True
+    assert trial_support.save_checkpoint_and_metrics(tmp_path, trial_support.TrainingState(), model, optimizer, args) is True
     finish.set()
     other_worker.join(60)
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
@@ -352,11 +353,11 @@ def run_main_out_of_memory(*args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def out_of_memory(cifar_data_dir, tmp_path_factory, uninterrupted):
+def out_of_memory(data_dir, tmp_path_factory, uninterrupted):
     """A trial resumed from a checkpoint (to train one more epoch) whose first step runs out of GPU memory."""
     trial_dir = tmp_path_factory.mktemp("out-of-memory")
     shutil.copy(uninterrupted[1] / "checkpoint.pt", trial_dir / "checkpoint.pt")
-    result = run_main_out_of_memory("--data-dir", cifar_data_dir, *TRAIN_ARGS[2:], "--epochs", "3",
+    result = run_main_out_of_memory("--data-dir", data_dir, *TRAIN_ARGS[2:], "--epochs", "3",
                                     "--checkpoint-dir", trial_dir)
     return result, trial_dir
 
