@@ -181,13 +181,14 @@ set_up_environment() {
     # hunt gives up on a trial at the second SIGTERM.
     # shellcheck disable=SC1091
     source .venv/bin/activate
-    # A typo in main.py's arguments would break every trial, one after the other, until the
-    # experiment is broken for good: check them once, here. main.py names its data set module
-    # (`import ... as dataset`), which stages the data on each node's local disk, $SLURM_TMPDIR,
-    # once, before the workers start: trials then never read from the shared filesystem.
+    # A typo in main.py's arguments, or a prior wider than they allow, would break trial after
+    # trial until the experiment is broken for good: check them once, here (orion_tools.py,
+    # check_trial_arguments). main.py names its data set module (`import ... as dataset`), which
+    # stages the data on each node's local disk, $SLURM_TMPDIR, once, before the workers start:
+    # trials then never read from the shared filesystem.
     local data_module
-    if ! data_module=$(python -c 'import sys, main; sys.argv[0] = "main.py"; main.parse_args()
-print(main.dataset.__file__)' "$@"); then
+    if ! data_module=$(python -c 'import sys, main, orion_tools; sys.argv[0] = "main.py"
+orion_tools.check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}"); then
         echo "error: main.py refuses the arguments after job.sh (see above): correct them and submit again" >&2
         exit 2
     fi

@@ -18,7 +18,9 @@ in `parse_args`.
 
 import argparse
 import collections
+import contextlib
 import datetime
+import io
 import json
 import os
 import pickle
@@ -698,6 +700,33 @@ def prior_problem(trial_command: list[str]) -> str | None:
             reason = " ".join(reason.split()).rstrip(".")
             return f"the prior --{name.lstrip('/')}~'{expression}' is not valid: {reason}"
     return None
+
+
+def check_trial_arguments(main, argv: list[str]) -> None:
+    """What job.sh checks before any trial (step 2), with main.py imported: main.py's parse_args
+    accepts the arguments after job.sh, and each prior's values at both ends of its range (a
+    prior wider than parse_args allows would break every trial that draws past it). Exits 2 with
+    one error line if not; else prints the file of main.py's data set module, which job.sh stages.
+    """
+    arguments, priors = split_priors(argv)
+    main.parse_args(arguments)  # argparse's own one-line error, exit 2.
+    for name, prior in priors.items():
+        try:
+            [dimension] = SpaceBuilder().build({name.lstrip("-"): prior}).values()
+        except Exception:
+            continue  # A malformed prior: check-experiment says why, in step 4.
+        ends = dimension.interval() if dimension.type != "categorical" else dimension.categories
+        for value in ends:
+            refused = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(refused):
+                    main.parse_args([*arguments, f"{name}={value}"])
+            except SystemExit:
+                why = refused.getvalue().strip().removeprefix("main.py: error: ").removesuffix(" (see --help)")
+                print(f"error: the prior {name}~'{prior}' in job.sh reaches {value}, which main.py refuses ({why}): "
+                      "keep its range within what main.py's parse_args accepts", file=sys.stderr)
+                sys.exit(2)
+    print(main.dataset.__file__)
 
 
 def split_priors(trial_command: list[str]) -> tuple[list[str], dict[str, str]]:

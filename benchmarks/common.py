@@ -2,8 +2,9 @@
 
 A trial (main.py or upstream_main.py) runs as a subprocess with `--checkpoint-dir FOLDER`;
 what it measured is read from FOLDER/metrics.jsonl (one JSON line per epoch, main.py's
-format, which upstream_main.py writes too), never from its log. Nothing here imports torch:
-the benchmarks that only run subprocesses don't pay torch's import time themselves.
+format, which upstream_main.py writes too), never from its log. Nothing here imports torch
+(but `in_process_trial`, when called): the benchmarks that only run subprocesses don't pay
+torch's import time themselves.
 """
 
 import argparse
@@ -201,6 +202,28 @@ class Trial:
 def run_trial(name: str, command: list, folder: Path, timeout: float | None = None, **env) -> Trial:
     print(f"running {name}: {' '.join(map(str, command[1:]))}", flush=True)
     return Trial.start(name, command, folder, **env).wait(timeout)
+
+
+def in_process_trial(*argv):
+    """(main.py's module, its args from `argv`, a trial_support.Trial for them): for the benchmarks
+    that time main.py's own functions in this process (input_pipeline.py, step_time.py).
+
+    The Trial picks the device and its settings as main() does. It also installs main.py's
+    stop-signal handler, which only takes note of Ctrl-C: the benchmark's handlers are put back.
+    Imports torch: call it after the header is printed.
+    """
+    import signal
+
+    import main
+    from trial_support import Trial
+
+    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    handlers = {signum: signal.getsignal(signum) for signum in signals}
+    args = main.parse_args([str(arg) for arg in argv])
+    trial = Trial(args)
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+    return main, args, trial
 
 
 # --------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Input pipeline: training batches (of 128) ready on the device per second.
 
-Ours (main.py's functions): the training set is loaded once as a uint8 tensor on the device;
-each batch indexes it with a shuffled permutation and normalizes it (optionally augments it,
-as --augment does). Upstream's design: a DataLoader over torchvision's CIFAR10 with
-`ToTensor`, shuffle=True, 1 and 4 workers and the task's CPU count, each batch moved with
-`.to(device)`. One epoch of each; ours repeats epochs until at least 1 s has passed.
-Worker start-up (every epoch, upstream's DataLoaders are not persistent) counts.
+Ours (the code main.py runs): the training set is loaded once as a uint8 tensor on the device
+(`Trial.load_data(dataset.load)`, main.py's data set module); each batch indexes it with a
+shuffled permutation and normalizes it with `Data.normalize` (optionally augments it first with
+`dataset.augment`, as main.py's `train_step` does with --augment). Upstream's design: a
+DataLoader over torchvision's CIFAR10 with `ToTensor`, shuffle=True, 1 and 4 workers and the
+task's CPU count, each batch moved with `.to(device)`. One epoch of each; ours repeats epochs
+until at least 2 s have passed (--quick: 0.2 s). Worker start-up (every epoch, upstream's DataLoaders are not persistent) counts.
 
     uv run python benchmarks/input_pipeline.py [--quick] [--device cpu|cuda]
 """
@@ -26,8 +27,8 @@ def synchronize(torch, device):
         torch.cuda.synchronize()
 
 
-def time_ours(torch, main, images, labels, device, with_augment: bool, min_seconds: float):
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+def time_ours(torch, dataset, data, device, with_augment: bool, min_seconds: float):
+    images, labels = data.train_images, data.train_labels
     n = len(images)
 
     def one_epoch():
@@ -36,7 +37,7 @@ def time_ours(torch, main, images, labels, device, with_augment: bool, min_secon
         for start in range(0, n, BATCH_SIZE):
             index = order[start : start + BATCH_SIZE]
             x = images[index]
-            x = main.normalize(main.augment(x) if with_augment else x, memory_format)
+            x = data.normalize(dataset.augment(x) if with_augment else x)  # As main.train_step.
             y = labels[index]
             batches += 1
         return batches, x, y
@@ -79,22 +80,27 @@ def main():
     data_dir = common.ensure_data(args.data_root, images_per_batch)
 
     import torch
-    import main as ours
+
     import upstream_main as upstream
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # The device and its memory format as main() picks them (the GPU if there is one), unless --device.
+    ours, _, trial = common.in_process_trial("--data-dir", data_dir, "--batch-size", BATCH_SIZE)
+    if args.device and args.device != trial.device.type:
+        trial.device = torch.device(args.device)
+        trial.memory_format = torch.channels_last if args.device == "cuda" else torch.contiguous_format
+    device = trial.device
     rows = []
 
     start = time.perf_counter()
-    train_images, train_labels, _, _ = ours.load_train_and_validation(data_dir, device)
+    data = trial.load_data(ours.dataset.load)
     synchronize(torch, device)
     load_seconds = time.perf_counter() - start
-    n_train = len(train_images)
+    n_train = len(data.train_images)
     for with_augment in (False, True):
-        batches, seconds = time_ours(torch, ours, train_images, train_labels, device, with_augment, min_seconds)
+        batches, seconds = time_ours(torch, ours.dataset, data, device, with_augment, min_seconds)
         name = "ours: uint8 on the device, index + normalize" + (" + augment" if with_augment else "")
         rows.append([name, "-", batches, seconds, batches / seconds])
-    del train_images, train_labels
+    del data
 
     train_dataset, _, _ = upstream.make_datasets(str(data_dir))
     for num_workers in workers:

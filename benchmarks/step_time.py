@@ -1,14 +1,16 @@
 """Step time: milliseconds per training step of the step main.py ships, eager against CUDA graph.
 
-One process; for each variant a fresh model and optimizer from `main.build_model_and_optimizer`
-and the step from `main.make_train_step` (bf16 autocast, channels_last, fused AdamW, no
-cudnn.benchmark), fed as main.py's epoch loop feeds it: batches indexed from uint8 images
-already on the device, the returned loss added to a sum on the device. Variants: eager and
-`--cuda-graph` at batch 128 and 512; `--compile reduce-overhead` (from an empty compile
-cache); and upstream's compute as a reference: float32, contiguous, plain AdamW, through
-`main.train_step` (upstream_main.py has no step function to import: its step is written
-inline in its epoch loop; its three `.item()` per step and its DataLoader are not timed
-here, see epoch_time.py for the whole of it).
+One process; for each variant main.py's arguments, a `trial_support.Trial` for them, and a
+fresh model, optimizer and step built as main() builds them: `main.build_model` placed by
+`trial.place`, `main.build_optimizer`, and `trial.make_step` over `main.train_step` (bf16
+autocast, channels_last, fused AdamW, no cudnn.benchmark), fed as main.py's epoch loop feeds
+it: batches indexed from uint8 images already on the device, the returned loss added to a sum
+on the device. Variants: eager and `--cuda-graph` at batch 128 and 512; `--compile
+reduce-overhead` (from an empty compile cache); and upstream's compute as a reference: float32,
+contiguous, plain AdamW, through `main.train_step` (a Trial with bf16 and channels_last turned
+off; upstream_main.py has no step function to import: its step is written inline in its epoch
+loop; its three `.item()` per step and its DataLoader are not timed here, see epoch_time.py for
+the whole of it).
 
 For each variant: the first --warmup steps, timed together (the graph's eager steps and
 capture, compilation), then the steady state (mean of --steps steps). If batch 512 takes
@@ -20,7 +22,6 @@ then runs eagerly, as main.py does on a CPU: it only proves the script works).
     uv run python benchmarks/step_time.py [--quick] [--steps 50]
 """
 
-import argparse
 import functools
 import os
 import sys
@@ -45,14 +46,18 @@ def main():
 
     import torch
 
-    import main as ours
+    from trial_support import Data
 
-    hardware = ours.pick_hardware()
-    device = hardware.device
+    def trial_for(batch, cuda_graph=False, compile=None):
+        """main.py's module, args and Trial, with upstream_main.py's learning rate and weight decay."""
+        options = ["--learning-rate", 5e-4, "--weight-decay", 1e-4, "--batch-size", batch]
+        options += (["--cuda-graph"] if cuda_graph else []) + (["--compile", compile] if compile else [])
+        return common.in_process_trial(*options)
+
+    device = trial_for(8)[2].device  # The device main() trains on.
     if device.type != "cuda" and not args.cpu:
         sys.exit("step_time: torch sees no GPU")
     small, large = (8, 32) if device.type != "cuda" else (128, 512)
-    fp32 = ours.Hardware(device, False, torch.contiguous_format)
 
     def synchronize():
         if device.type == "cuda":
@@ -72,21 +77,28 @@ def main():
 
     def variant(batch, cuda_graph=False, compile=None, upstream=False):
         torch.manual_seed(0)
-        step_args = argparse.Namespace(learning_rate=5e-4, weight_decay=1e-4, batch_size=batch, augment=False,
-                                       cuda_graph=cuda_graph, compile=compile)
-        if upstream:
-            model = ours.build_model(fp32)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)  # upstream_main.py's
-            step = functools.partial(ours.train_step, model, optimizer, hardware=fp32)
-        else:
-            model, optimizer = ours.build_model_and_optimizer(step_args, hardware)
-            step = ours.make_train_step(model, optimizer, step_args, hardware)
+        ours, main_args, trial = trial_for(batch, cuda_graph, compile)
+        if upstream:  # float32 and a contiguous memory format, as upstream_main.py trains.
+            trial.use_bf16, trial.memory_format = False, torch.contiguous_format
         images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, device=device)
         labels = torch.randint(0, 10, (8 * batch,), device=device)
+        # CIFAR-10's shape and classes; any mean and std time the same.
+        data = Data(images, labels, images, labels, classes=10, mean=(128.0,) * 3, std=(64.0,) * 3,
+                    memory_format=trial.memory_format)
+        model = trial.place(ours.build_model(main_args, data))
+        if upstream:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)  # upstream_main.py's
+        else:
+            optimizer = ours.build_optimizer(main_args, model, trial)
+        step = trial.make_step(functools.partial(ours.train_step, data=data, trial=trial, augment=main_args.augment),
+                               model, optimizer, data)
         model.train()
         first = time_steps(step, images, labels, batch, args.warmup)
         per_step = time_steps(step, images, labels, batch, steps, offset=args.warmup) / steps
-        kind = step.func.__name__ if isinstance(step, functools.partial) else type(step).__name__
+        function = step
+        while isinstance(function, functools.partial):  # make_step's eager step: partials of main.train_step.
+            function = function.func
+        kind = getattr(function, "__name__", type(function).__name__)
         return first, per_step, kind + (" (capture failed: eager)" if getattr(step, "failed", False) else "")
 
     variants = [  # name, batch, options
