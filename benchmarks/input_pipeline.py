@@ -6,7 +6,8 @@ shuffled permutation and normalizes it with `Data.normalize` (optionally augment
 `dataset.augment`, as main.py's `train_step` does with --augment). Upstream's design: a
 DataLoader over torchvision's CIFAR10 with `ToTensor`, shuffle=True, 1 and 4 workers and the
 task's CPU count, each batch moved with `.to(device)`. One epoch of each; ours repeats epochs
-until at least 2 s have passed (--quick: 0.2 s). Worker start-up (every epoch, upstream's DataLoaders are not persistent) counts.
+until at least 2 s have passed (--quick: 0.2 s). Worker start-up (every epoch, upstream's
+DataLoaders are not persistent) counts.
 
     uv run python benchmarks/input_pipeline.py [--quick] [--device cpu|cuda]
 """
