@@ -167,6 +167,7 @@ set_up_environment() {
     # changed since, or it was synced without bytecode) the first task syncs, offline, under a
     # lock (flock, on the shared filesystem), and the tasks that waited find it done.
     if ! environment_ready; then
+        echo "The environment (.venv) is out of date or has no bytecode: syncing it, offline"
         # `exec 9>>` keeps the lock file open, and so the lock held, until the subshell ends.
         if ! ( exec 9>>.venv-sync.lock && flock 9 && { environment_ready \
                 || uv sync --offline --locked --compile-bytecode --quiet; } ); then
@@ -197,7 +198,7 @@ orion_tools.check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}"); the
 
 environment_ready() {
     uv sync --offline --locked --check --quiet 2>/dev/null \
-        && compgen -G ".venv/lib/python3*/site-packages/orion/__pycache__/__init__.cpython-*.pyc" >/dev/null
+        && compgen -G ".venv/lib/python3*/site-packages/orion/core/__pycache__/__init__.cpython-*.pyc" >/dev/null
 }
 
 # --- 3. Check the database, take back the trials of a requeued job ----------------------------------

@@ -174,6 +174,12 @@ def test_runs_outside_slurm_on_a_workstation(dry_run):
     assert [t["status"] for t in trials] == ["completed"]
 
 
+def test_a_synced_environment_is_used_as_it_is(dry_run):
+    # The test command synced and compiled it (README, "Tests"): no second sync, no bytecode pass.
+    _, result, _ = dry_run
+    assert "The environment (.venv) is out of date" not in result.stdout
+
+
 def test_dry_run_leaves_the_real_search_alone(dry_run):
     job_env, _, _ = dry_run
     assert sorted(p.name for p in Path(job_env["SCRATCH"]).iterdir()) == ["orion-example-dry-run"]
