@@ -208,3 +208,21 @@ def test_readme_commands_for_main_py_work_as_written(tmp_path):
     finally:
         if owned:
             shutil.rmtree(data, ignore_errors=True)
+
+
+def test_a_crash_is_readable_in_a_slurm_output_file(data_dir, tmp_path):
+    """An uncaught error's traceback, as a Slurm output file gets it (not a terminal): whole lines,
+    none wrapped mid-path, on the output and in the trial's train.log."""
+    message = "a bug in the training step, at /a/path/" + "deep/" * 40 + "file.py"
+    program = ("import main\n"
+               "def train_step(*args, **kwargs):\n"
+               f"    raise RuntimeError({message!r})\n"
+               "main.train_step = train_step\n"
+               "main.main()\n")
+    result = subprocess.run([sys.executable, "-c", program, "--data-dir", str(data_dir), "--epochs", "1",
+                             "--checkpoint-dir", str(tmp_path)], env=clean_env(), cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"RuntimeError: {message}\n" in result.stdout
+    assert "Traceback (most recent call last):\n" in result.stdout
+    assert f"RuntimeError: {message}\n" in (tmp_path / "train.log").read_text()
