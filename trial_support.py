@@ -160,7 +160,7 @@ class Trial:
 
     def __init__(self, args):
         self.args, self.started = args, time.perf_counter()
-        self.stop = StopSignal.install()
+        self.stop = StopSignal()  # Notes a signal once `start` installs it (not in tests and benchmarks).
         if torch.cuda.is_available():
             # bf16 autocast and channels_last are what the GPU's tensor cores are fast at; bf16 has
             # float32's range, so unlike fp16 it needs no loss scaling. No cudnn.benchmark: it
@@ -184,7 +184,9 @@ class Trial:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        return cls(args)
+        trial = cls(args)
+        trial.stop.install()
+        return trial
 
     # The device's settings, for main.py's model, optimizer and step.
     def autocast(self):
@@ -474,14 +476,11 @@ class StopSignal:
     def handle(self, signum, frame) -> None:
         self.received = self.received or signum
 
-    @classmethod
-    def install(cls) -> "StopSignal":
-        stop = cls()
+    def install(self) -> None:
         # SIGINT too: Ctrl-C under `bash job.sh` reaches every process of the terminal, and a
         # trial killed by KeyboardInterrupt would be marked broken instead of interrupted.
         for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            signal.signal(signum, stop.handle)
-        return stop
+            signal.signal(signum, self.handle)
 
 
 # --- The CUDA-graph step ---------------------------------------------------------------------------

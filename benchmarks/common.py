@@ -208,22 +208,14 @@ def in_process_trial(*argv):
     """(main.py's module, its args from `argv`, a trial_support.Trial for them): for the benchmarks
     that time main.py's own functions in this process (input_pipeline.py, step_time.py).
 
-    The Trial picks the device and its settings as main() does. It also installs main.py's
-    stop-signal handler, which only takes note of Ctrl-C: the benchmark's handlers are put back.
-    Imports torch: call it after the header is printed.
+    The Trial picks the device and its settings as main() does (without main()'s stop-signal
+    handler, which only `Trial.start` installs). Imports torch: call it after the header is printed.
     """
-    import signal
-
     import main
     from trial_support import Trial
 
-    signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-    handlers = {signum: signal.getsignal(signum) for signum in signals}
     args = main.parse_args([str(arg) for arg in argv])
-    trial = Trial(args)
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-    return main, args, trial
+    return main, args, Trial(args)
 
 
 # --------------------------------------------------------------------------------------
