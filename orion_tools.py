@@ -356,11 +356,17 @@ def job_verdict(args) -> int:
               f"{trials_dir_of(args)}/<trial id>/train.log", file=sys.stderr)
         verdict = 1
         experiment, trials = open_experiment(args)
-        # Past max_broken, Oríon runs no trial of this experiment any more, in any job.
-        if sum(t.status == "broken" for t in trials) >= experiment.max_broken:
-            print(f"error: experiment {args.experiment} has too many broken trials and runs nothing more: fix "
-                  f"the cause (a broken trial's train.log), then remove them with: {db} uv run orion db rm "
-                  f"{args.experiment} --status broken --force", file=sys.stderr)
+        # Past max_broken, Oríon runs no trial of this experiment any more, in any job. (A worker
+        # also stops after worker.max_broken, 3, broken trials of its own.)
+        broken = sum(t.status == "broken" for t in trials)
+        remove = f"remove them with: {db} uv run orion db rm {args.experiment} --status broken --force"
+        if broken >= experiment.max_broken:
+            print(f"error: experiment {args.experiment} has too many broken trials ({broken}, max_broken "
+                  f"{experiment.max_broken}) and runs nothing more: fix the cause (a broken trial's train.log), "
+                  f"then {remove}", file=sys.stderr)
+        else:
+            print(f"error: experiment {args.experiment} has {broken} broken trial(s); at {experiment.max_broken} "
+                  f"(max_broken) it runs nothing more. Once the cause is fixed, {remove}", file=sys.stderr)
     if outcomes["killed"]:
         # Its worker stopped; the trial is `interrupted` and the next worker resumes it (README, "How a trial ends").
         print(f"error: {outcomes['killed']} trial(s) of this job were killed (SIGKILL: out of host memory?); they "

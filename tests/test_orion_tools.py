@@ -212,6 +212,22 @@ def test_job_verdict_counts_the_trials_the_job_ran(more_workers_than_budget, cap
     assert capsys.readouterr().out == "This job ran 3 trial(s) of experiment budget: 3 completed\n"
 
 
+def test_job_verdict_of_an_experiment_past_max_broken_says_how_to_recover(tmp_path, capsys):
+    database = str(tmp_path / "orion_db.pkl")
+    experiment = build_experiment("exp", space={"x": "uniform(0, 1)"}, max_broken=1,
+                                  storage=orion_tools.storage(database))
+    trial = experiment.insert(params={"x": 0.5})
+    experiment.storage.set_trial_status(trial, status="broken")
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "node1-42.jsonl").write_text(json.dumps({"trial": trial.id, "outcome": "broken"}) + "\n")
+    code = orion_tools.main(["job-verdict", "--worker-records", str(tmp_path / "records"), "--hunt-status", "0",
+                             "--experiment", "exp", "--database", database])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: experiment exp has too many broken trials (1, max_broken 1) and runs nothing more" in err
+    assert f"ORION_DB_ADDRESS={database} uv run orion db rm exp --status broken --force" in err
+
+
 def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
     wait_for_workers(start_workers(tmp_path, n_workers=2, budget=7, trial_seconds=0))
     assert [t.status for t in trials_of(tmp_path)] == ["completed"] * 7
