@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import filelock
 import pytest
 
 import main
@@ -118,29 +119,43 @@ def slurm_unavailable_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def slurm_env(tmp_path_factory):
-    """Starts a real single-node Slurm; yields the environment to submit jobs with.
+def slurm_env(tmp_path_factory, worker_id):
+    """Starts a real single-node Slurm (or joins the one another pytest worker started: pytest-xdist's
+    workers share it, and their jobs run side by side); yields the environment to submit jobs with.
+    The last worker to leave stops it.
 
-    Skips with the reason where it cannot start, except under CI (CI=true), where the
-    real-Slurm tests must run: there a failure to start fails the tests.
+    Skips with the reason where it cannot start, except under CI (CI=true), where the real-Slurm
+    tests must run: there a failure to start fails the tests.
     """
     reason = slurm_unavailable_reason()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the real-Slurm tests, but {reason}")
         pytest.skip(reason)
-    state_dir = tmp_path_factory.mktemp("slurm")
-    started = subprocess.run(["bash", CLUSTER_SH, "start", state_dir], capture_output=True, text=True, timeout=600)
-    if started.returncode != 0:
-        message = f"could not start Slurm: {started.stderr.strip()[-2000:]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    slurm_conf = started.stdout.strip().removeprefix("export SLURM_CONF=")
+    # The folder above the workers' own temporary folders ("master": no xdist, then our own).
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    state_dir, running, users = shared / "slurm", shared / "slurm-running", shared / "slurm-users"
+    with filelock.FileLock(shared / "slurm.lock"):
+        if not running.exists():
+            started = subprocess.run(["bash", CLUSTER_SH, "start", state_dir], capture_output=True, text=True,
+                                     timeout=600)
+            if started.returncode != 0:
+                message = f"could not start Slurm: {started.stderr.strip()[-2000:]}"
+                if os.environ.get("CI"):
+                    pytest.fail(message)
+                pytest.skip(message)
+            running.write_text(started.stdout.strip().removeprefix("export SLURM_CONF="))
+        users.mkdir(exist_ok=True)
+        (users / worker_id).touch()
+        slurm_conf = running.read_text()
     try:
         yield clean_env(SLURM_CONF=slurm_conf, PATH=f"/usr/sbin:/usr/bin:{os.environ['PATH']}")
     finally:
-        subprocess.run(["bash", CLUSTER_SH, "stop", state_dir], capture_output=True, timeout=300)
+        with filelock.FileLock(shared / "slurm.lock"):
+            (users / worker_id).unlink()
+            if not any(users.iterdir()):
+                subprocess.run(["bash", CLUSTER_SH, "stop", state_dir], capture_output=True, timeout=300)
+                running.unlink()
 
 
 def read_trials(database: Path, experiment: str | None = None) -> list[dict]:
@@ -198,3 +213,19 @@ def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
     _, stderr = sbatch.communicate()
     outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     return sbatch.returncode, stderr + outputs
+
+
+# --- Running side by side (pytest-xdist, `-n` in pyproject.toml) -------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own, which reads the groups.
+def pytest_collection_modifyitems(items):
+    """Keeps the tests that share a module-scoped fixture (an ASHA search, a dry run, a reference
+    run...) in one worker, which then builds it once; every other test goes to whichever worker
+    is free (`--dist loadgroup`). The tests mostly wait (Slurm, Oríon's polling, child processes),
+    so they run side by side, and the real-Slurm ones share one cluster (`slurm_env`)."""
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        shared = definitions and any(defs[-1].scope == "module" for defs in definitions.name2fixturedefs.values())
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

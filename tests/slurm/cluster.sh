@@ -13,10 +13,11 @@
 # `stop` cancels every job, then stops only the daemons that `start` recorded
 # in STATE_DIR/*.pid, and waits for them to exit. It is idempotent.
 #
-# The node pretends to be a GPU box (16 cores, 256 GiB, 8 x gpu:l40s) whatever
+# The node pretends to be a GPU box (64 cores, 256 GiB, 16 x gpu:l40s) whatever
 # this machine has, so that job scripts written for the real cluster are
 # accepted and scheduled unchanged. Nothing runs on a GPU: the "devices" are
-# symlinks to /dev/null.
+# symlinks to /dev/null. Room for the tests' jobs side by side (pytest's workers
+# share one cluster: tests/conftest.py, slurm_env).
 #
 # Environment knobs (all optional):
 #   SLURM_TEST_CTLD_PORT / SLURM_TEST_SLURMD_PORT  ports (default 6817 / 6818)
@@ -36,7 +37,7 @@ CTLD_PORT="${SLURM_TEST_CTLD_PORT:-6817}"
 SLURMD_PORT="${SLURM_TEST_SLURMD_PORT:-6818}"
 START_TIMEOUT="${SLURM_TEST_START_TIMEOUT:-30}"
 GPU_TYPE=l40s
-GPU_COUNT=8
+GPU_COUNT=16
 
 log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 die() { printf 'cluster.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -313,7 +314,7 @@ TaskProlog=$state/task_prolog.sh
 PrologFlags=Alloc
 
 GresTypes=gpu
-NodeName=$host NodeAddr=127.0.0.1 CPUs=16 Sockets=1 CoresPerSocket=16 ThreadsPerCore=1 RealMemory=262144 Gres=gpu:$GPU_TYPE:$GPU_COUNT State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=64 Sockets=1 CoresPerSocket=64 ThreadsPerCore=1 RealMemory=262144 Gres=gpu:$GPU_TYPE:$GPU_COUNT State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
 }
