@@ -15,6 +15,7 @@ in `parse_args`.
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -23,7 +24,10 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -31,9 +35,10 @@ import yaml
 import orion.core
 import orion.core.cli
 import orion.core.io.database.pickleddb
-from filelock import SoftFileLock
+from filelock import LeaseSettingsMismatch, SoftFileLease, SoftFileLock, Timeout
 from orion.client import get_experiment
 from orion.core.io.database import DatabaseTimeout, DuplicateKeyError
+from orion.core.io.database.pickleddb import TIMEOUT_ERROR_MESSAGE, PickledDB
 from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
 from orion.core.io.space_builder import SpaceBuilder
 from orion.core.worker.consumer import Consumer, ExecutionError
@@ -48,30 +53,243 @@ SLURM_JOB_LINE = re.compile(r"Running in Slurm job (\S+) on")
 
 
 # --- The database lock: what every subcommand gets -------------------------------------------
-# PickledDB locks its file for each read and write (well under a second each). Where the
-# filesystem has flock (ext4, GPFS, Lustre mounted with flock) the kernel releases the lock of
-# a process that dies. Elsewhere (NFS, tmpfs, XFS, Lustre without flock) Oríon uses a
-# SoftFileLock: a marker file, `orion_db.pkl.lock`, that exists while a process holds the
-# lock. A worker SIGKILLed while holding it (Slurm does so on preemption, node failure and
-# after the grace time) leaves the marker behind; filelock only judges it stale when it was
-# written on this host by a process that is gone, so a marker from another node stopped every
-# worker, for good. Here, the next process that waits for a marker older than
-# DATABASE_LOCK_LIFETIME breaks it (see README, "Many workers on one database").
-DATABASE_LOCK_LIFETIME = 30  # s; a thousand times the usual hold of the lock.
-# How long a process waits for the lock before Oríon's DatabaseTimeout: above the lifetime, so
-# that a stale marker is broken before anyone gives up. (Oríon's default is 60 s; job.sh puts
-# this value in the workers' configuration, `storage.database.timeout`.)
+# PickledDB (Oríon's file database) locks its file for each operation, unpickles the whole file,
+# changes it and writes it back (a temporary file, then a rename). Where the filesystem has
+# flock (ext4, GPFS, Lustre mounted with flock) Oríon takes a kernel lock: no one can take it
+# from a live process, and the kernel frees it when its holder dies. Kept as it is. Elsewhere
+# (NFS, tmpfs, XFS, Lustre without flock) Oríon uses a marker file, `orion_db.pkl.lock`, which
+# filelock judges stale only when its holder is a dead process of this host: a worker SIGKILLed
+# on another node stopped every worker, for good. Breaking a marker by its age alone (filelock's
+# `lifetime`, what this file did before) admits a second writer while the first is alive but
+# stalled (SIGSTOP: Slurm suspend or gang scheduling; an NFS stall; swapping; or a node's clock
+# ahead of the file server's): resumed, the first wrote back the copy it had read before its
+# stall (completed trials rolled back, then run again), and through PickledDB's shared
+# temporary name `orion_db.pkl.tmp` it renamed or tore the other writer's file. So, for a soft
+# lock (README, "Many workers on one database"):
+# - A lease (filelock's SoftFileLease): the marker carries a unique token, and its holder renews
+#   it (touches it) every DATABASE_LOCK_LEASE / 10 s while it holds the lock, so a live holder
+#   keeps it however long it holds. Another process takes the marker over once it has seen it
+#   unchanged for DATABASE_LOCK_LEASE seconds by its own clock (a clock ahead of the file
+#   server's cannot shorten that). A marker of another kind (a plain `orion` command's)
+#   unchanged that long is broken too.
+# - Fencing: each writer writes its own temporary file (host, pid and thread in its name) and
+#   renames it over the database only if, right before the rename, the marker is still its own
+#   (the same file) and was renewed less than half a lease ago: a takeover needs a whole lease
+#   of silence. Otherwise it deletes its file, writes nothing, and stops with one line
+#   (DatabaseLockLost). Left: a stall of half a lease between that check and the rename.
+# - The lease, 90 s, is a hundred times the longest normal hold (2-10 ms up to 500 trials,
+#   0.2-0.8 s at 5,000 trials): only a stall lasts that long. A holder stalled for more than
+#   half of it stops (its job says why); one stalled less goes on. Longer would also tolerate
+#   longer stalls, but a marker left by a worker killed on another node stops everyone for a lease.
+# Every process on one database must use the same lease (filelock refuses another):
+# ORION_TOOLS_LOCK_LEASE, seconds, exists for the tests, which cannot wait 90 s.
+DATABASE_LOCK_LEASE = float(os.environ.get("ORION_TOOLS_LOCK_LEASE", 90))  # s
+# How long a process waits for the lock before Oríon's DatabaseTimeout. (Oríon's default is 60
+# s; job.sh puts this value in the workers' configuration, `storage.database.timeout`.) Above
+# the lease, so that a marker left by a killed worker is broken before anyone gives up.
 DATABASE_LOCK_TIMEOUT = 120  # s
+LOCK_POLL = 1.0  # s between two looks at a marker that filelock does not break.
 
 ORIONS_CREATE_LOCK = orion.core.io.database.pickleddb._create_lock  # Before `main` replaces it.
+HOST = socket.gethostname()
 
 
-def lock_with_lifetime(path):
-    """Oríon's lock for the database file, a soft one breakable after DATABASE_LOCK_LIFETIME."""
+class DatabaseLockError(BaseException):
+    """The database cannot be used safely: one line for the user, and the worker stops.
+
+    A BaseException, as KeyboardInterrupt: Oríon's worker turns an Exception raised while it
+    prepares a trial into a broken trial, and goes on; this must stop it.
+    """
+
+
+class DatabaseLockLost(DatabaseLockError):
+    """This process's soft lock on the database was taken over while it held it: nothing written."""
+
+
+def identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+class RenewedElsewhere(SoftFileLease):
+    """filelock's lease without its renewal thread: LeasedLock renews (one thread per process, where
+    filelock starts one per hold: 6 ms inside each hold on a loaded node, more than the hold itself)."""
+
+    def _start_heartbeat(self, claim, fd, identity, token) -> None:  # filelock 4.3.1's hook.
+        pass
+
+
+class LeasedLock:
+    """The soft lock described above: acquire(timeout), check() before a write, release()."""
+
+    # One thread per process renews every hold of the process.
+    _holds: set = set()
+    _holds_lock = threading.Lock()
+    _renewer: threading.Thread | None = None
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lease = RenewedElsewhere(path, lease_duration=DATABASE_LOCK_LEASE)
+        self.fd = None
+        self.marker = None  # identity() of our marker
+        self.renewed = 0.0  # time.monotonic() before our last successful renewal
+
+    def acquire(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        seen = None  # (marker key, when first seen unchanged)
+        while True:
+            try:
+                self.lease.acquire(timeout=max(0.0, min(LOCK_POLL, deadline - time.monotonic())))
+                break
+            except LeaseSettingsMismatch:
+                raise DatabaseLockError(
+                    f"another process locks {self.path} with another lease (ORION_TOOLS_LOCK_LEASE): "
+                    "every worker of one database must use the same") from None
+            except Timeout:
+                if time.monotonic() >= deadline:
+                    raise
+                seen = self._break_if_unchanged(seen)
+        try:
+            before = time.monotonic()
+            self.fd = os.open(self.path, os.O_RDONLY)
+            content = os.read(self.fd, 4096).decode(errors="replace")
+            self.marker = identity(os.fstat(self.fd))
+            if self.lease.token not in content or identity(os.lstat(self.path)) != self.marker:
+                raise DatabaseLockLost(f"the lock {self.path} was taken over as soon as this process got it")
+            os.utime(self.fd)  # Contenders time the lease from this change.
+            self.renewed = before
+        except BaseException:
+            self.release()
+            raise
+        with LeasedLock._holds_lock:
+            LeasedLock._holds.add(self)
+            if LeasedLock._renewer is None:
+                LeasedLock._renewer = threading.Thread(target=LeasedLock._renew_all, daemon=True,
+                                                       name="orion-tools-lease")
+                LeasedLock._renewer.start()
+
+    def _break_if_unchanged(self, seen):
+        """Breaks a marker unchanged for a lease that filelock keeps (another kind, another host)."""
+        try:
+            stat = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+        now = time.monotonic()
+        if seen is None or seen[0] != key:
+            return key, now
+        if now - seen[1] < DATABASE_LOCK_LEASE + LOCK_POLL:
+            return seen
+        aside = f"{self.path}.stale.{HOST}.{os.getpid()}.{threading.get_native_id()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return None
+        if os.lstat(aside).st_ino != stat.st_ino:  # Replaced meanwhile by a live holder's: put it back.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        else:
+            print(f"warning: broke the lock {self.path}, unchanged for {now - seen[1]:.0f} s "
+                  f"(left by a process that died on another host?)", file=sys.stderr, flush=True)
+        os.unlink(aside)
+        return None
+
+    @classmethod
+    def _renew_all(cls) -> None:
+        while True:
+            time.sleep(DATABASE_LOCK_LEASE / 10)
+            with cls._holds_lock:
+                holds = list(cls._holds)
+            for hold in holds:
+                hold.renew()
+
+    def renew(self) -> None:
+        before = time.monotonic()
+        try:
+            if identity(os.lstat(self.path)) == self.marker:
+                os.utime(self.fd)
+                self.renewed = before
+        except (OSError, TypeError):  # Released meanwhile (fd None), or gone: check() tells.
+            pass
+
+    def check(self) -> None:
+        """Raises DatabaseLockLost unless this process still holds the lock, for half a lease at least."""
+        try:
+            ours = identity(os.lstat(self.path)) == self.marker
+        except FileNotFoundError:
+            ours = False
+        silent = time.monotonic() - self.renewed
+        if not ours or silent >= DATABASE_LOCK_LEASE / 2:
+            raise DatabaseLockLost(
+                f"this process held the lock of the Oríon database {self.path[:-len('.lock')]} but was stalled "
+                f"{silent:.0f} s (suspended? a file server stall?) and "
+                + ("another process took the lock over" if not ours else "may have lost it")
+                + ": it wrote nothing and stops; the other workers go on, run it again to resume")
+
+    def release(self) -> None:
+        with LeasedLock._holds_lock:
+            LeasedLock._holds.discard(self)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.lease.release()
+
+
+class KernelLock:
+    """Oríon's flock, as it is: check() has nothing to check."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def acquire(self, timeout: float) -> None:
+        self.lock.acquire(timeout=timeout)
+
+    def check(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def database_lock(path: str):
+    """The lock for a database's lock file `path`: Oríon's flock, or a LeasedLock instead of its soft lock."""
     lock = ORIONS_CREATE_LOCK(path)
-    if isinstance(lock, SoftFileLock):
-        lock.lifetime = DATABASE_LOCK_LIFETIME
-    return lock
+    return LeasedLock(path) if isinstance(lock, SoftFileLock) else KernelLock(lock)
+
+
+def temporary_path(path: str) -> str:
+    """A temporary name beside `path`, unique across hosts, processes and threads."""
+    return f"{path}.{HOST}.{os.getpid()}.{threading.get_native_id()}.tmp"
+
+
+@contextlib.contextmanager
+def fenced_locked_database(self, write=True):
+    """Oríon's `PickledDB.locked_database`, with database_lock() and a fenced write of its own name."""
+    lock = database_lock(self.host + ".lock")
+    try:
+        lock.acquire(timeout=self.timeout)
+    except Timeout as error:
+        raise DatabaseTimeout(TIMEOUT_ERROR_MESSAGE.format(self.timeout)) from error
+    try:
+        database = self._get_database()
+        yield database
+        if write:
+            temporary = temporary_path(self.host)
+            try:
+                with open(temporary, "wb") as file:
+                    pickle.dump(database, file)
+                lock.check()
+                os.rename(temporary, self.host)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+    finally:
+        lock.release()
+
+
+def install_database_lock() -> None:
+    """Every PickledDB of this process locks and writes as described above."""
+    PickledDB.locked_database = fenced_locked_database
 
 
 def storage(database: str) -> dict:
@@ -237,7 +455,11 @@ def hunt(hunt_arguments: list[str]) -> int:
     Experiment.is_done = property(done_within_budget)
     TrialPacemaker._monitor_trial = monitor_trial_through_timeouts
     Consumer.execute_process = execute_killed_as_interrupted
-    return orion.core.cli.main(["hunt", *hunt_arguments]) or 0
+    try:
+        return orion.core.cli.main(["hunt", *hunt_arguments]) or 0
+    except DatabaseLockError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
 
 
 # --- summary and report: what the search found ------------------------------------------------
@@ -708,13 +930,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    orion.core.io.database.pickleddb._create_lock = lock_with_lifetime
+    install_database_lock()
     if argv[:1] == ["hunt"]:  # argparse would take `orion hunt`'s options as its own.
         return hunt(argv[1:])
     args = parse_args(argv)
     try:
         return args.run(args)
-    except ReportError as error:  # No experiment to read: one line, no traceback.
+    except (ReportError, DatabaseLockError) as error:  # One line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
 

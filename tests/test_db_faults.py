@@ -1,11 +1,14 @@
 """The cluster's faults around Oríon's database, with real `orion_tools.py hunt` workers.
 
 A worker SIGKILLed while it holds the database lock (flock, and a soft lock from this host and
-from another host), a database that stays locked while a trial runs, and a trial that the
-cluster kills: the search carries on, no trial is run twice, none is counted as broken.
+from another host), a holder of the lock stalled (SIGSTOP) past the lease, a database that stays
+locked while a trial runs, and a trial that the cluster kills: the search carries on, nothing is
+rolled back, no trial is run twice, none is counted as broken.
 """
 
+import collections
 import datetime
+import json
 import signal
 import subprocess
 import sys
@@ -20,9 +23,12 @@ from orion.core.io.database.pickleddb import _create_lock
 from orion.core.utils.exceptions import NoConfigurationError
 
 import orion_tools
-from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env, standin_hunt_command
+from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env, read_trials, standin_hunt_command
 
 OBJECTIVE = "Objective (1 - validation accuracy)"  # The stand-in's line when a run ends.
+# orion_tools' soft-lock lease (ORION_TOOLS_LOCK_LEASE) in these tests, for every process on
+# one database: 3 s, not 90 s.
+LEASE = 3
 
 
 def start_worker(folder: Path, config: str, *trial_args, database: Path | None = None,
@@ -102,14 +108,14 @@ def test_a_worker_killed_holding_the_lock_stops_no_one(tmp_path, request, lock):
     database = folder / "orion_db.pkl"
     sigkill_while_holding_the_lock(database, other_host=lock.endswith("other host"))
     assert (folder / "orion_db.pkl.lock").exists() or lock == "flock"  # The marker is left behind.
-    worker = start_worker(tmp_path, budget_config(2), database=database)
+    worker = start_worker(tmp_path, budget_config(2), database=database, ORION_TOOLS_LOCK_LEASE=LEASE)
     # Bounded: Oríon's DatabaseTimeout would end the worker at DATABASE_LOCK_TIMEOUT.
     assert worker.wait(timeout=orion_tools.DATABASE_LOCK_TIMEOUT + 120) == 0
     assert [t.status for t in trials(database)] == ["completed"] * 2
 
 
 def test_filelock_alone_never_breaks_another_hosts_soft_lock(soft_dir):
-    """Why orion_tools gives soft locks a lifetime: without it, every worker waits for good."""
+    """Why orion_tools breaks a marker unchanged for a lease: without it, every worker waits for good."""
     sigkill_while_holding_the_lock(soft_dir / "orion_db.pkl", other_host=True)
     with pytest.raises(filelock.Timeout):
         filelock.SoftFileLock(soft_dir / "orion_db.pkl.lock").acquire(timeout=3)
@@ -181,3 +187,75 @@ def test_a_killed_trial_says_so(killed_trial):
 def test_a_killed_trial_is_run_again_by_the_next_worker(killed_trial):
     _, after = killed_trial
     assert after["statuses"] == ["completed"]
+
+
+# --- A holder of the lock stalled (SIGSTOP) past the lease, then resumed (issue 18, finding 1) --
+
+# Takes the database lock as the workers do, reads the database, stops itself (as Slurm's
+# suspend, an NFS stall or swapping would), and once resumed leaves the block, which writes back
+# the copy it read before the stall.
+STALL_WHILE_HOLDING = """
+import os, signal, sys
+import orion_tools
+orion_tools.install_database_lock()
+from orion.core.io.database.pickleddb import PickledDB
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    with PickledDB(host=sys.argv[1], timeout=60).locked_database():
+        print("loaded", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+except orion_tools.DatabaseLockError as error:
+    print(f"error: {error}", flush=True)
+    sys.exit(1)
+print("wrote back", flush=True)
+"""
+
+
+def completed_ids(database: Path) -> list[str]:
+    return sorted(t["id"] for t in read_trials(database) if t["status"] == "completed")
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("lock", ["soft lock", "flock"])
+def test_a_lock_holder_stalled_past_the_lease_rolls_nothing_back(tmp_path, request, lock):
+    folder = request.getfixturevalue("soft_dir") if lock == "soft lock" else tmp_path
+    database, record = folder / "orion_db.pkl", tmp_path / "runs.jsonl"
+    worker = start_worker(tmp_path, budget_config(6), "--sleep", "1", "--record", record,
+                          database=database, ORION_TOOLS_LOCK_LEASE=LEASE)
+    holder = subprocess.Popen([sys.executable, "-W", "ignore", "-c", STALL_WHILE_HOLDING, str(database)],
+                              cwd=REPO_ROOT, env=clean_env(ORION_TOOLS_LOCK_LEASE=LEASE), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    request.addfinalizer(lambda: holder.kill())  # Never left stopped.
+    assert holder.stdout.readline() == "ready\n"
+    wait_until(lambda: database.exists() and len(completed_ids(database)) >= 1, 120, "a first trial completed")
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "loaded\n"
+    wait_until(lambda: psutil.Process(holder.pid).status() == psutil.STATUS_STOPPED, 10, "the holder stopped")
+    before = completed_ids(database)
+    if lock == "soft lock":  # The worker takes the lock over once the lease has passed, and goes on.
+        wait_until(lambda: len(completed_ids(database)) >= len(before) + 2, 120, "two trials more, holder stalled")
+    else:  # The kernel keeps a live holder's flock: the worker waits.
+        time.sleep(2 * LEASE)
+        assert completed_ids(database) == before
+    holder.send_signal(signal.SIGCONT)
+    output, _ = holder.communicate(timeout=60)
+    assert worker.wait(timeout=300) == 0
+    completed = completed_ids(database)  # Readable, whole.
+    assert set(before) <= set(completed) and len(completed) == 6  # Nothing rolled back.
+    runs = collections.Counter(json.loads(line)["trial"] for line in record.read_text().splitlines())
+    assert sorted(runs.values()) == [1] * 6  # No trial ran twice.
+    assert not list(folder.glob("*.tmp"))
+    if lock == "soft lock":  # It found its lock taken over: it wrote nothing, and said so in one line.
+        assert holder.returncode == 1
+        assert output.startswith("error: ") and "took the lock over" in output and output.count("\n") == 1
+    else:
+        assert holder.returncode == 0 and output == "wrote back\n"
