@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -179,7 +180,7 @@ class LeasedLock:
             return key, now
         if now - seen[1] < DATABASE_LOCK_LEASE + LOCK_POLL:
             return seen
-        aside = f"{self.path}.stale.{HOST}.{os.getpid()}.{threading.get_native_id()}"
+        aside = temporary_path(f"{self.path}.stale")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
@@ -256,9 +257,10 @@ def database_lock(path: str):
     return LeasedLock(path) if isinstance(lock, SoftFileLock) else KernelLock(lock)
 
 
-def temporary_path(path: str) -> str:
-    """A temporary name beside `path`, unique across hosts, processes and threads."""
-    return f"{path}.{HOST}.{os.getpid()}.{threading.get_native_id()}.tmp"
+def temporary_path(path) -> str:
+    """A temporary name beside `path`, unique across hosts, processes and threads, and across pid
+    namespaces (containers) of one host: the same host name and pid there, so a random part too."""
+    return f"{path}.{HOST}.{os.getpid()}.{threading.get_native_id()}.{secrets.token_hex(4)}.tmp"
 
 
 @contextlib.contextmanager
@@ -628,7 +630,7 @@ PARTIAL_DEPENDENCE_MIN_TRIALS = 5
 
 def write_png(figure, path: Path) -> None:
     """Writes the figure as PNG through kaleido, all at once (readers never see half a file)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path.with_name(f".{path.name}"))
     figure.write_image(str(temporary), format="png", width=figure.layout.width or 1000,
                        height=figure.layout.height or 600)
     os.replace(temporary, path)
@@ -683,7 +685,7 @@ def report(args) -> int:
     lines += [f"  {name}" for name in [*written, "summary.txt"]]
     lines += [f"  {line}" for line in not_made]
     text = "\n".join(lines) + "\n"
-    temporary = output / f".summary.txt.{os.getpid()}.tmp"
+    temporary = Path(temporary_path(output / ".summary.txt"))
     temporary.write_text(text)
     os.replace(temporary, output / "summary.txt")
     print(text, end="")
@@ -746,7 +748,7 @@ def check_database(args) -> int:
             return 1
     if database is None:
         return 0  # A new search.
-    temporary = backup_path.with_name(f"{backup_path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(backup_path)  # Two jobs with one pid (other nodes, containers) must not collide.
     shutil.copyfile(path, temporary)
     os.replace(temporary, backup_path)  # Several jobs may back up at once: each rename is whole.
     return 0

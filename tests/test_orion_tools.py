@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -230,3 +231,21 @@ def test_an_emptied_database_that_orion_rewrote_keeps_the_backup(emptied_then_op
 def test_trials_removed_on_purpose_pass_once_the_backup_is_deleted(emptied_then_opened):
     os.remove(f"{emptied_then_opened}.bak")
     assert check_database(emptied_then_opened, "--experiment", "exp").returncode == 0
+
+
+def test_simultaneous_checks_with_the_same_pid_do_not_collide(tmp_path):
+    """Ten jobs back up at once, each with pid 1 (its own pid namespace, as in containers, or as
+    on ten nodes): each one's temporary copy must have a name of its own (issue 18, finding 6)."""
+    database = tmp_path / "orion_db.pkl"
+    with open(database, "wb") as file:  # Large enough that the copies overlap.
+        pickle.dump({"blob": os.urandom(20 << 20)}, file)
+    checks = [subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-W", "ignore", "-c",
+                                "import os, sys, orion_tools; assert os.getpid() == 1; "
+                                "sys.exit(orion_tools.main(sys.argv[1:]))",
+                                "check-database", "--database", str(database)],
+                               cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(10)]
+    outputs = [check.communicate(timeout=300)[0] for check in checks]
+    assert [check.returncode for check in checks] == [0] * 10, outputs
+    assert open(f"{database}.bak", "rb").read() == open(database, "rb").read()
+    assert not list(tmp_path.glob("*.tmp"))
