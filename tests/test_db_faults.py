@@ -7,8 +7,11 @@ rolled back, no trial is run twice, none is counted as broken.
 """
 
 import collections
+import contextlib
 import datetime
 import json
+import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -121,30 +124,117 @@ def test_filelock_alone_never_breaks_another_hosts_soft_lock(soft_dir):
         filelock.SoftFileLock(soft_dir / "orion_db.pkl.lock").acquire(timeout=3)
 
 
-# --- The database locked while a trial runs (Oríon's DatabaseTimeout in the heartbeat) --------
+# --- The heartbeat of a running trial (issue 18, finding 2) --------------------------------------
+# Scaled down: ORION_HEARTBEAT=3, so a trial whose heartbeat is 15 s old counts as lost; the
+# lock waits give up after 3 s. Oríon 0.2.7 wrote the heartbeat every 60 s whatever
+# ORION_HEARTBEAT said, and an error ended its thread.
+HEARTBEAT = 3
 
-def test_a_database_locked_while_a_trial_runs_does_not_run_it_twice(tmp_path):
-    # A lock wait gives up after 3 s. Oríon writes a running trial's heartbeat every 60 s
-    # (hard-coded), and another worker takes it for lost once it is 5 x $ORION_HEARTBEAT = 65 s
-    # old: a heartbeat missed at 60 s because of the lock makes it look lost at 65 s.
-    config = budget_config(1, f"storage:\n  database:\n    type: pickleddb\n"
-                              f"    host: {tmp_path / 'orion_db.pkl'}\n    timeout: 3\n")
-    first = start_worker(tmp_path, config, "--sleep", "110", log_name="first.log", ORION_HEARTBEAT=13)
-    wait_for_status(tmp_path / "orion_db.pkl", "reserved")
-    # Timed from the reservation (its heartbeat), not from when this test saw it: on a busy
-    # machine the test sees it seconds late, and the lock must cover the heartbeat due at 60 s.
-    [trial] = trials(tmp_path / "orion_db.pkl")
-    reserved_at = trial.heartbeat.replace(tzinfo=datetime.timezone.utc).timestamp()
-    time.sleep(max(0.0, reserved_at + 50 - time.time()))
-    with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # flock here: another worker holding it.
-        time.sleep(max(0.0, reserved_at + 85 - time.time()))  # The heartbeat thread's waits time out.
-    # A second worker, now that the heartbeat is 85 s old without the retry: the trial would look lost.
-    second = start_worker(tmp_path, config, "--sleep", "110", log_name="second.log", ORION_HEARTBEAT=13)
+
+def heartbeat_config(tmp_path) -> str:
+    return budget_config(1, f"storage:\n  database:\n    type: pickleddb\n"
+                            f"    host: {tmp_path / 'orion_db.pkl'}\n    timeout: 3\n")
+
+
+def reserved_at(database: Path) -> float:
+    """When the one trial was reserved (its first heartbeat), in seconds since the epoch."""
+    wait_for_status(database, "reserved")
+    [trial] = trials(database)
+    return trial.heartbeat.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+@contextlib.contextmanager
+def unreadable(database: Path):
+    """The database file replaced by one that is no pickle (as a torn or foreign file), then put back."""
+    good = database.read_bytes()
+    (database.parent / "garbage").write_bytes(b"not a pickle")
+    os.replace(database.parent / "garbage", database)
+    try:
+        yield
+    finally:
+        (database.parent / "good").write_bytes(good)
+        os.replace(database.parent / "good", database)
+
+
+@pytest.mark.parametrize("fault", ["database locked", "database unreadable"])
+def test_a_late_heartbeat_does_not_make_a_live_trial_lost(tmp_path, fault):
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT)
+    start = reserved_at(database)
+    sleep_until(start + 4)  # Timed from the reservation: the test may see it late on a busy machine.
+    with _create_lock(str(tmp_path / "orion_db.pkl.lock")) if fault == "database locked" else unreadable(database):
+        sleep_until(start + 10)  # Heartbeats due at 6 and 9 s fail (lock wait 3 s, or UnpicklingError).
+    # A second worker, once the trial would look lost without a heartbeat since the reservation.
+    sleep_until(start + 17)
+    second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT)
     assert second.wait(timeout=300) == 0
     assert first.wait(timeout=300) == 0
-    logs = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
-    assert "heartbeat of trial" in logs  # The injected lock timeout did happen.
-    assert logs.count(OBJECTIVE) == 1
+    late = "DatabaseTimeout" if fault == "database locked" else "UnpicklingError"
+    assert f"late ({late}" in (tmp_path / "first.log").read_text()  # The fault did hit the heartbeat.
+    assert len(record.read_text().splitlines()) == 1  # Run once.
+    assert [t.status for t in trials(database)] == ["completed"]
+
+
+def test_a_heartbeat_that_cannot_be_written_stops_the_trial_before_it_counts_as_lost(tmp_path):
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT)
+    start = reserved_at(database)
+    sleep_until(start + 4)
+    with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # Past 4 x ORION_HEARTBEAT after the last heartbeat.
+        assert first.wait(timeout=60) == 1  # Before the lock is free again: its trial stopped with it.
+    log = (tmp_path / "first.log").read_text()
+    [error] = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: the heartbeat of trial ") and "stopped it" in error
+    # The trial, lost now, runs again in the next worker, and only there.
+    second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", "--record", record,
+                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT)
+    assert second.wait(timeout=300) == 0
+    assert len(record.read_text().splitlines()) == 1
+    assert [t.status for t in trials(database)] == ["completed"]
+
+
+# --- A worker killed while it holds the algorithm lock (issue 18, finding 3) ---------------------
+
+HOLD_THE_ALGORITHM_LOCK = """
+import sys, time
+import orion_tools
+from orion.client import get_experiment
+experiment = get_experiment("faults", mode="w", storage=orion_tools.storage(sys.argv[1]))
+with experiment._experiment._storage.acquire_algorithm_lock(uid=experiment.id, timeout=10):  # Oríon's own.
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_an_algorithm_lock_left_by_a_killed_worker_is_taken_over(tmp_path):
+    database = tmp_path / "orion_db.pkl"
+    assert start_worker(tmp_path, budget_config(1), log_name="first.log").wait(timeout=300) == 0
+    holder = subprocess.Popen([sys.executable, "-W", "ignore", "-c", HOLD_THE_ALGORITHM_LOCK, str(database)],
+                              cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    [algo] = read_algo(database)
+    assert algo["locked"] == 1  # Left behind: Oríon never expires it.
+    # ALGORITHM_LOCK_STALE 3 s instead of 120 s; without it, the worker would wait 600 s.
+    worker = start_worker(tmp_path, budget_config(3), ORION_TOOLS_ALGORITHM_LOCK_STALE=3)
+    assert worker.wait(timeout=120) == 0
+    assert [t.status for t in trials(database)] == ["completed"] * 3
+    log = (tmp_path / "worker.log").read_text()
+    assert "warning: took over the algorithm lock of experiment faults" in log
+    assert read_algo(database)[0]["locked"] == 0
+
+
+def read_algo(database: Path) -> list[dict]:
+    with open(database, "rb") as file:
+        return pickle.load(file)._db["algo"].find({})
 
 
 # --- A trial killed by the cluster -------------------------------------------------------------

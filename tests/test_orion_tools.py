@@ -249,3 +249,29 @@ def test_simultaneous_checks_with_the_same_pid_do_not_collide(tmp_path):
     assert [check.returncode for check in checks] == [0] * 10, outputs
     assert open(f"{database}.bak", "rb").read() == open(database, "rb").read()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- The algorithm lock (issue 18, finding 3) ----------------------------------------------------
+
+
+def test_an_algorithm_lock_that_stays_taken_names_orion_db_release(experiment, database):
+    storage = experiment._experiment._storage
+    storage._db.write("algo", {"locked": 1}, query={"experiment": experiment.id})  # Taken, never released.
+    with pytest.raises(orion_tools.AlgorithmLockTimeout) as raised:
+        with orion_tools.algorithm_lock(storage, experiment=experiment._experiment, timeout=1, retry_interval=0.2):
+            pass
+    assert str(raised.value) == (f"the algorithm lock of experiment exp stayed taken for 1 s: if no worker of it "
+                                 f"runs, release it with: ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS={database} "
+                                 "uv run orion db release exp")
+
+
+def test_an_algorithm_lock_taken_over_meanwhile_keeps_its_new_holders_state(experiment):
+    storage = experiment._experiment._storage
+    with pytest.raises(orion_tools.DatabaseLockLost):
+        with orion_tools.algorithm_lock(storage, experiment=experiment._experiment, timeout=1) as locked:
+            # Another worker takes it over (as `algorithm_lock` does once it is stale) and saves its state.
+            storage._db.write("algo", {"heartbeat": datetime.datetime.utcnow(), "state": b"theirs"},
+                              query={"experiment": experiment.id})
+            locked.set_state({"mine": 1})
+    [algo] = storage._db.read("algo", {"experiment": experiment.id})
+    assert algo["locked"] == 1 and algo["state"] == b"theirs"
