@@ -370,6 +370,11 @@ def trials_left(experiment, trials) -> int:
 def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> int:
     """Oríon's `Producer.produce`, suggesting no more trials than the budget has left."""
     produced = 0
+    if trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False)) <= 0:
+        # Budget used: this worker waits for the last trials (`done_within_budget`). Oríon's
+        # runner asks again at once, a dozen database operations each time: not more often.
+        time.sleep(min(5.0, orion.core.config.worker.heartbeat / 4))
+        return 0
     # Not Oríon's 60 s: long enough to see a stale lock (`algorithm_lock`).
     timeout = ALGORITHM_LOCK_TIMEOUT if timeout is None else timeout
     with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
@@ -387,8 +392,19 @@ def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> in
 ORIONS_IS_DONE = Experiment.is_done  # Before `hunt` replaces it.
 
 
+# The end of a search: once the budget is handed out, a worker with nothing to run used to exit
+# at once, even while other workers' trials were still reserved: when the last of those workers
+# died (SIGKILL, node failure), no worker was left to resume its trial once it counted as lost,
+# and the search ended short, exit 0. Now a worker that has run a trial stays while any trial is
+# reserved (it polls every ORION_HEARTBEAT / 4 s, at most 5 s), and resumes a trial that
+# becomes lost; a worker that never got one (a spare: more workers than trials) still exits at
+# once, since the workers that did get one stay. (Up to `idle_timeout`, as for any idle worker.)
+RAN_A_TRIAL = threading.Event()
+
+
 def done_within_budget(self) -> bool:
-    """Oríon's `is_done`, or: the budget is used up and no trial is waiting for a worker.
+    """Oríon's `is_done`, or: the budget is used up, no trial is waiting for a worker, and (for a
+    worker that has run a trial) no trial is still reserved by another.
 
     A waiting trial is `new`, `interrupted` (preempted), or `reserved` by a worker that died
     (no heartbeat for 5 x ORION_HEARTBEAT: Oríon then hands it out again).
@@ -396,13 +412,15 @@ def done_within_budget(self) -> bool:
     if ORIONS_IS_DONE.fget(self):
         return True
     lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
-    trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for both questions.
+    trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for all questions.
     waiting = [
         trial for trial in trials
         if trial.status in ("new", "interrupted")
         or (trial.status == "reserved" and trial.heartbeat is not None and trial.heartbeat <= lost_before)
     ]
-    return trials_left(self, trials) <= 0 and not waiting
+    if trials_left(self, trials) > 0 or waiting:
+        return False
+    return not (RAN_A_TRIAL.is_set() and any(trial.status == "reserved" for trial in trials))
 
 
 
@@ -577,6 +595,7 @@ def run_trial(self, cmd_args, environ) -> None:
     except PermissionError as error:
         raise InexecutableUserScript(" ".join(cmd_args)) from error
     RUNNING_TRIAL.append(process)
+    RAN_A_TRIAL.set()
     try:
         return_code = process.wait()
     finally:

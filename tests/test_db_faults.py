@@ -237,6 +237,36 @@ def read_algo(database: Path) -> list[dict]:
         return pickle.load(file)._db["algo"].find({})
 
 
+# --- The end of a search (issue 18, finding 4) ---------------------------------------------------
+
+def trial_process_of(worker: subprocess.Popen):
+    """The stand-in trial that the worker runs (None: none yet)."""
+    for child in psutil.Process(worker.pid).children(recursive=True):
+        try:
+            if str(STANDIN_TRIAL) in child.cmdline():
+                return child
+        except psutil.Error:  # A short-lived child of the worker (Oríon runs git) that just ended.
+            pass
+    return None
+
+
+def test_a_worker_killed_with_its_trial_at_the_end_leaves_no_trial_behind(tmp_path):
+    """Budget 2, 2 workers, one SIGKILLed with its trial: the other stays, and resumes that trial
+    once it counts as lost (ORION_HEARTBEAT=2: after 10 s), instead of leaving it reserved."""
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    workers = [start_worker(tmp_path, budget_config(2), "--sleep", "6", "--record", record,
+                            log_name=f"worker{i}.log", ORION_HEARTBEAT=2) for i in range(2)]
+    wait_until(lambda: all(trial_process_of(w) for w in workers), 120, "both workers run a trial")
+    killed, survivor = workers
+    trial_process = trial_process_of(killed)
+    killed.kill()
+    trial_process.kill()
+    assert survivor.wait(timeout=120) == 0
+    assert [t.status for t in trials(database)] == ["completed"] * 2
+    runs = collections.Counter(json.loads(line)["trial"] for line in record.read_text().splitlines())
+    assert sorted(runs.values()) == [1, 1]  # The killed run never finished; its trial ran once more.
+
+
 # --- A trial killed by the cluster -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
