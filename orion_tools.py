@@ -47,7 +47,7 @@ from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
 from orion.core.worker.trial_pacemaker import TrialPacemaker
-from orion.core.utils.exceptions import InexecutableUserScript, NoConfigurationError
+from orion.core.utils.exceptions import InexecutableUserScript, LazyWorkers, NoConfigurationError
 from orion.storage.base import FailedUpdate, LockedAlgorithmState, get_uid  # FailedUpdate: not in orion.core.utils.exceptions.
 from orion.storage.legacy import Legacy
 
@@ -409,6 +409,7 @@ def done_within_budget(self) -> bool:
     A waiting trial is `new`, `interrupted` (preempted), or `reserved` by a worker that died
     (no heartbeat for 5 x ORION_HEARTBEAT: Oríon then hands it out again).
     """
+    EXPERIMENT[:] = [self]
     if ORIONS_IS_DONE.fget(self):
         return True
     lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
@@ -614,6 +615,41 @@ def run_trial(self, cmd_args, environ) -> None:
     raise ExecutionError(orion.core.config.worker.interrupt_signal_code)
 
 
+# A worker that found no trial to run for `idle_timeout` stops with Oríon's LazyWorkers (a
+# traceback), which job.sh took for "done". It is, only when nothing is left for this worker:
+# the budget is reached, or the trials left are reserved by live workers (fresh heartbeat),
+# which stay until the end (`done_within_budget`). Otherwise the search is stuck: ASHA, for one,
+# keeps a broken trial in its rung with no objective, so a rung that needs it never fills and
+# no trial is promoted (orion/algo/hyperband.py). Then one line, exit 1.
+EXPERIMENT: list = []  # The experiment this worker runs, once `done_within_budget` has seen it.
+
+
+def idle_verdict() -> int:
+    """After LazyWorkers: 0 if nothing is left for this worker, else one line and 1."""
+    experiment = EXPERIMENT[0]
+    trials = experiment.fetch_trials(with_evc_tree=False)
+    completed = sum(trial.status == "completed" for trial in trials)
+    lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
+    running = [trial for trial in trials if trial.status == "reserved"
+               and trial.heartbeat is not None and trial.heartbeat > lost_before]
+    if completed >= experiment.max_trials:
+        print("No trial left for this worker: done.", flush=True)
+        return 0
+    if running:
+        print(f"No trial left for this worker; {len(running)} trial(s) still run in other workers, "
+              "which finish the search.", flush=True)
+        return 0
+    broken = [trial.id for trial in trials if trial.status == "broken"]
+    algorithm = next(iter(experiment.configuration["algorithm"]))
+    why = (f"{algorithm} suggests no more trials while {len(broken)} trial(s) are "
+           f"broken (ASHA and Hyperband wait for a broken trial's rung): fix their cause (their train.log), "
+           "then run a new experiment (ORION_EXPERIMENT=<new name>)" if broken else
+           "the algorithm suggests no more trials: see `python orion_tools.py summary`")
+    print(f"error: search {experiment.name} stopped at {completed} of {experiment.max_trials} completed trials, "
+          f"no trial to run for idle_timeout: {why}", file=sys.stderr, flush=True)
+    return 1
+
+
 def hunt(hunt_arguments: list[str]) -> int:
     """`orion hunt ARGUMENTS...` that runs exactly max_trials trials, whatever the number of workers.
 
@@ -629,6 +665,8 @@ def hunt(hunt_arguments: list[str]) -> int:
         status = orion.core.cli.main(["hunt", *hunt_arguments]) or 0
     except DatabaseLockError as error:
         stop_worker(str(error))
+    except LazyWorkers:
+        return idle_verdict()
     except BaseException:
         if not WORKER_STOPPED.is_set():
             raise

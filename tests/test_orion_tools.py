@@ -170,6 +170,45 @@ def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
     assert [t.status for t in trials_of(tmp_path)] == ["completed"] * 7
 
 
+# --- ASHA with broken trials (issue 18, finding 5) ---------------------------------------------
+
+ASHA_CONFIG = """experiment:
+  algorithm:
+    asha:
+      seed: 1
+      num_rungs: 3
+      num_brackets: 1
+  max_trials: 8
+  max_broken: 10
+worker:
+  executor: singleexecutor
+  idle_timeout: 10
+"""
+
+
+def test_asha_stalled_by_broken_trials_fails_visibly(tmp_path):
+    """Trials above a learning rate of 0.01 break: ASHA keeps them in their rung, which then never
+    fills, and suggests nothing more. Oríon's workers idled into LazyWorkers, which job.sh took for
+    success; now each says so in one line and exits 1."""
+    (tmp_path / "orion-config.yml").write_text(ASHA_CONFIG)
+    command = [*standin_hunt_command("asha", tmp_path / "orion-config.yml", tmp_path / "trials", "--sleep", 1,
+                                     "--break-above", 0.01), "--epochs~fidelity(1, 4, base=2)"]
+    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl")
+    workers = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    completed = sum(t.status == "completed" for t in get_experiment(
+        "asha", storage=orion_tools.storage(str(tmp_path / "orion_db.pkl"))).fetch_trials())
+    assert completed < 8  # The stall this test is about.
+    assert [worker.returncode for worker in workers] == [1, 1]
+    for output in outputs:
+        # (The broken trials' own lines start with "error: learning rate".)
+        [error] = [line for line in output.splitlines() if line.startswith("error: search")]
+        assert error.startswith(f"error: search asha stopped at {completed} of 8 completed trials, no trial to "
+                                "run for idle_timeout: asha suggests no more trials while ")
+        assert "LazyWorkers" not in output
+
+
 # --- check-database: an emptied database is refused, a readable one backed up ----------------
 
 
