@@ -18,6 +18,7 @@ import collections
 import contextlib
 import datetime
 import json
+import math
 import os
 import pickle
 import re
@@ -48,7 +49,8 @@ from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
 from orion.core.worker.trial_pacemaker import TrialPacemaker
 from orion.core.utils.exceptions import InexecutableUserScript, LazyWorkers, NoConfigurationError
-from orion.storage.base import FailedUpdate, LockedAlgorithmState, get_uid  # FailedUpdate: not in orion.core.utils.exceptions.
+from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
+from orion.storage.base import LockedAlgorithmState, get_uid
 from orion.storage.legacy import Legacy
 
 # main.py logs this line when a trial starts (or resumes) in a Slurm job.
@@ -110,6 +112,11 @@ class DatabaseLockLost(DatabaseLockError):
     """This process's soft lock on the database was taken over while it held it: nothing written."""
 
 
+def clock() -> float:
+    """Seconds, counting a suspended machine's time too (CLOCK_BOOTTIME; time.monotonic() does not)."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
 def identity(stat: os.stat_result) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
@@ -135,7 +142,8 @@ class LeasedLock:
         self.lease = RenewedElsewhere(path, lease_duration=DATABASE_LOCK_LEASE)
         self.fd = None
         self.marker = None  # identity() of our marker
-        self.renewed = 0.0  # time.monotonic() before our last successful renewal
+        self.renewed = 0.0  # clock() before our last successful renewal
+        self.mutex = threading.Lock()  # The renewing thread never touches a closed (reused) descriptor.
 
     def acquire(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -153,7 +161,7 @@ class LeasedLock:
                     raise
                 seen = self._break_if_unchanged(seen)
         try:
-            before = time.monotonic()
+            before = clock()
             self.fd = os.open(self.path, os.O_RDONLY)
             content = os.read(self.fd, 4096).decode(errors="replace")
             self.marker = identity(os.fstat(self.fd))
@@ -207,13 +215,14 @@ class LeasedLock:
                 hold.renew()
 
     def renew(self) -> None:
-        before = time.monotonic()
-        try:
-            if identity(os.lstat(self.path)) == self.marker:
-                os.utime(self.fd)
-                self.renewed = before
-        except (OSError, TypeError):  # Released meanwhile (fd None), or gone: check() tells.
-            pass
+        before = clock()
+        with self.mutex:
+            try:
+                if self.fd is not None and identity(os.lstat(self.path)) == self.marker:
+                    os.utime(self.fd)
+                    self.renewed = before
+            except OSError:  # Gone: check() tells.
+                pass
 
     def check(self) -> None:
         """Raises DatabaseLockLost unless this process still holds the lock, for half a lease at least."""
@@ -221,7 +230,7 @@ class LeasedLock:
             ours = identity(os.lstat(self.path)) == self.marker
         except FileNotFoundError:
             ours = False
-        silent = time.monotonic() - self.renewed
+        silent = clock() - self.renewed
         if not ours or silent >= DATABASE_LOCK_LEASE / 2:
             raise DatabaseLockLost(
                 f"this process held the lock of the Oríon database {self.path[:-len('.lock')]} but was stalled "
@@ -232,9 +241,10 @@ class LeasedLock:
     def release(self) -> None:
         with LeasedLock._holds_lock:
             LeasedLock._holds.discard(self)
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        with self.mutex:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
         self.lease.release()
 
 
@@ -532,6 +542,9 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
 # 1. So a trial either has a heartbeat younger than 5 x ORION_HEARTBEAT, or its worker stopped
 # it before anyone can take it for lost: it never runs twice. (The margin, one ORION_HEARTBEAT,
 # must also cover the clock difference between nodes: the heartbeat is their local time.)
+# While a dead worker's lock marker waits to be broken (a lease), no heartbeat can be written:
+# 4 x ORION_HEARTBEAT must outlast it, or every running trial would be stopped.
+MIN_HEARTBEAT = math.ceil((DATABASE_LOCK_LEASE + 2 * LOCK_POLL) / 4)  # s
 WORKER_STOPPED = threading.Event()  # Set by stop_worker: this worker stops, its trial too.
 RUNNING_TRIAL: list = []  # The trial's process while one runs (singleexecutor: one at a time).
 
@@ -661,6 +674,11 @@ def hunt(hunt_arguments: list[str]) -> int:
     TrialPacemaker.run = beat
     Legacy.acquire_algorithm_lock = algorithm_lock
     Consumer.execute_process = run_trial
+    if orion.core.config.worker.heartbeat < MIN_HEARTBEAT:
+        print(f"error: ORION_HEARTBEAT={orion.core.config.worker.heartbeat} s is too short: a heartbeat must be able "
+              f"to wait out the database lock's lease ({DATABASE_LOCK_LEASE:.0f} s, orion_tools.py); use at least "
+              f"{MIN_HEARTBEAT}, e.g. job.sh's default, 30", file=sys.stderr, flush=True)
+        return 1
     try:
         status = orion.core.cli.main(["hunt", *hunt_arguments]) or 0
     except DatabaseLockError as error:

@@ -126,8 +126,9 @@ def test_filelock_alone_never_breaks_another_hosts_soft_lock(soft_dir):
 
 # --- The heartbeat of a running trial (issue 18, finding 2) --------------------------------------
 # Scaled down: ORION_HEARTBEAT=3, so a trial whose heartbeat is 15 s old counts as lost; the
-# lock waits give up after 3 s. Oríon 0.2.7 wrote the heartbeat every 60 s whatever
-# ORION_HEARTBEAT said, and an error ended its thread.
+# lock waits give up after 3 s; the soft-lock lease (which a heartbeat must outlast) is 3 s.
+# Oríon 0.2.7 wrote the heartbeat every 60 s whatever ORION_HEARTBEAT said, and an error ended
+# its thread.
 HEARTBEAT = 3
 
 
@@ -164,7 +165,7 @@ def unreadable(database: Path):
 def test_a_late_heartbeat_does_not_make_a_live_trial_lost(tmp_path, fault):
     database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
     first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
-                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT)
+                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     start = reserved_at(database)
     sleep_until(start + 4)  # Timed from the reservation: the test may see it late on a busy machine.
     with _create_lock(str(tmp_path / "orion_db.pkl.lock")) if fault == "database locked" else unreadable(database):
@@ -172,7 +173,7 @@ def test_a_late_heartbeat_does_not_make_a_live_trial_lost(tmp_path, fault):
     # A second worker, once the trial would look lost without a heartbeat since the reservation.
     sleep_until(start + 17)
     second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
-                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT)
+                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     assert second.wait(timeout=300) == 0
     assert first.wait(timeout=300) == 0
     late = "DatabaseTimeout" if fault == "database locked" else "UnpicklingError"
@@ -184,7 +185,7 @@ def test_a_late_heartbeat_does_not_make_a_live_trial_lost(tmp_path, fault):
 def test_a_heartbeat_that_cannot_be_written_stops_the_trial_before_it_counts_as_lost(tmp_path):
     database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
     first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
-                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT)
+                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     start = reserved_at(database)
     sleep_until(start + 4)
     with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # Past 4 x ORION_HEARTBEAT after the last heartbeat.
@@ -194,10 +195,21 @@ def test_a_heartbeat_that_cannot_be_written_stops_the_trial_before_it_counts_as_
     assert error.startswith("error: the heartbeat of trial ") and "stopped it" in error
     # The trial, lost now, runs again in the next worker, and only there.
     second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", "--record", record,
-                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT)
+                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     assert second.wait(timeout=300) == 0
     assert len(record.read_text().splitlines()) == 1
     assert [t.status for t in trials(database)] == ["completed"]
+
+
+def test_a_heartbeat_too_short_for_the_lease_is_refused(tmp_path):
+    """Every heartbeat fails while a dead worker's lock marker waits out its lease: 4 x
+    ORION_HEARTBEAT must outlast that, or each running trial would be stopped."""
+    worker = start_worker(tmp_path, budget_config(1), ORION_HEARTBEAT=orion_tools.MIN_HEARTBEAT - 1)
+    assert worker.wait(timeout=120) == 1
+    assert (tmp_path / "worker.log").read_text() == (
+        f"error: ORION_HEARTBEAT={orion_tools.MIN_HEARTBEAT - 1} s is too short: a heartbeat must be able to wait "
+        f"out the database lock's lease (90 s, orion_tools.py); use at least {orion_tools.MIN_HEARTBEAT}, "
+        "e.g. job.sh's default, 30\n")
 
 
 # --- A worker killed while it holds the algorithm lock (issue 18, finding 3) ---------------------
@@ -255,7 +267,8 @@ def test_a_worker_killed_with_its_trial_at_the_end_leaves_no_trial_behind(tmp_pa
     once it counts as lost (ORION_HEARTBEAT=2: after 10 s), instead of leaving it reserved."""
     database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
     workers = [start_worker(tmp_path, budget_config(2), "--sleep", "6", "--record", record,
-                            log_name=f"worker{i}.log", ORION_HEARTBEAT=2) for i in range(2)]
+                            log_name=f"worker{i}.log", ORION_HEARTBEAT=2,
+                            ORION_TOOLS_LOCK_LEASE=LEASE) for i in range(2)]
     wait_until(lambda: all(trial_process_of(w) for w in workers), 120, "both workers run a trial")
     killed, survivor = workers
     trial_process = trial_process_of(killed)
