@@ -44,6 +44,7 @@ from orion.core.io.database import DatabaseTimeout, DuplicateKeyError
 from orion.core.io.database.pickleddb import PickledDB
 from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
 from orion.core.io.space_builder import SpaceBuilder
+from orion.client.runner import Protected
 from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
@@ -388,8 +389,17 @@ def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> in
     # Not Oríon's 60 s: long enough to see a stale lock (`algorithm_lock`).
     timeout = ALGORITHM_LOCK_TIMEOUT if timeout is None else timeout
     with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
+        trials = self.experiment.fetch_trials(with_evc_tree=False)
+        # Results the algorithm missed: their worker was killed, or took a SIGTERM, between the
+        # trial's end and `observe` (see `observe_patiently`). Shown now, so that it suggests on them.
+        missed = [trial for trial in trials if trial.status in ("completed", "broken")
+                  and not algorithm.has_observed(trial)]
+        if missed:
+            algorithm.observe(missed)
+            print(f"The algorithm sees now the result of trial(s) {', '.join(t.id for t in missed)}, which it had "
+                  "missed", flush=True)
         # Counted under the lock: no other worker produces meanwhile.
-        left = trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False))
+        left = trials_left(self.experiment, trials)
         for trial in algorithm.suggest(min(pool_size, left)) if left > 0 else []:
             try:
                 self.experiment.register_trial(trial)
@@ -448,10 +458,37 @@ def done_within_budget(self) -> bool:
 ALGORITHM_LOCK_TIMEOUT = 600  # s
 
 
+# Oríon shows a result to the algorithm inside a block that holds back SIGTERM (the runner's
+# `Protected`): a worker that Slurm signals while it waits for the algorithm lock (up to
+# ALGORITHM_LOCK_TIMEOUT) stayed deaf to it, past job.sh's 120 s before the time limit. Once a
+# SIGTERM is pending, the wait ends: the result is in the database already (the trial is
+# `completed`), and the next `produce`, by any worker, shows it to the algorithm.
+TERM_PENDING = threading.Event()
+ORIONS_PROTECTED_HANDLER = Protected.handler
+
+
+def note_signal(self, sig, frame) -> None:
+    """Oríon's `Protected.handler` (a SIGINT or SIGTERM held back), which also tells `algorithm_lock`."""
+    TERM_PENDING.set()
+    ORIONS_PROTECTED_HANDLER(self, sig, frame)
+
+
+class ObserveLater(Exception):
+    """The wait for the algorithm lock was cut short by a pending SIGTERM (`observe_patiently`)."""
+
+
 def observe_patiently(self, trial) -> None:
-    """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock."""
-    with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
-        algorithm.observe([trial])
+    """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock,
+    unless a SIGTERM is pending."""
+    LOCK_WAIT.unless_signalled = True
+    try:
+        with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
+            algorithm.observe([trial])
+    except ObserveLater:
+        print(f"warning: signalled while waiting for the algorithm lock: the result of trial {trial.id} is saved, "
+              "and the algorithm sees it at the next suggestion", file=sys.stderr, flush=True)
+    finally:
+        LOCK_WAIT.unless_signalled = False
 
 
 # --- The algorithm lock ------------------------------------------------------------------------
@@ -500,6 +537,8 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
                 print(f"warning: took over the algorithm lock of experiment {name}, taken at {seen[0]} UTC and "
                       f"unchanged for {now - seen[1]:.0f} s (its worker died?)", file=sys.stderr, flush=True)
                 break
+        if TERM_PENDING.is_set() and getattr(LOCK_WAIT, "unless_signalled", False):
+            raise ObserveLater()
         if now >= deadline:
             raise AlgorithmLockTimeout(
                 f"the algorithm lock of experiment {name} stayed taken for {timeout:.0f} s: if no worker of it "
@@ -673,6 +712,7 @@ def hunt(hunt_arguments: list[str]) -> int:
     Experiment.is_done = property(done_within_budget)
     TrialPacemaker.run = beat
     Legacy.acquire_algorithm_lock = algorithm_lock
+    Protected.handler = note_signal
     Consumer.execute_process = run_trial
     if orion.core.config.worker.heartbeat < MIN_HEARTBEAT:
         print(f"error: ORION_HEARTBEAT={orion.core.config.worker.heartbeat} s is too short: a heartbeat must be able "

@@ -218,6 +218,9 @@ HOLD_THE_ALGORITHM_LOCK = """
 import sys, time
 import orion_tools
 from orion.client import get_experiment
+if sys.argv[2:] == ["--when-told"]:
+    print("ready", flush=True)
+    sys.stdin.readline()
 experiment = get_experiment("faults", mode="w", storage=orion_tools.storage(sys.argv[1]))
 with experiment._experiment._storage.acquire_algorithm_lock(uid=experiment.id, timeout=10):  # Oríon's own.
     print("held", flush=True)
@@ -242,6 +245,36 @@ def test_an_algorithm_lock_left_by_a_killed_worker_is_taken_over(tmp_path):
     log = (tmp_path / "worker.log").read_text()
     assert "warning: took over the algorithm lock of experiment faults" in log
     assert read_algo(database)[0]["locked"] == 0
+
+
+
+def test_a_sigterm_while_waiting_for_the_algorithm_lock_is_not_held_back(tmp_path):
+    """Oríon holds back SIGTERM while it shows a result to the algorithm, lock wait included (up to
+    600 s): past job.sh's 120 s before the time limit. Now the worker stops at once, and the next
+    worker that suggests trials shows the result to the algorithm."""
+    database = tmp_path / "orion_db.pkl"
+    worker = start_worker(tmp_path, budget_config(2), "--sleep", "6", log_name="first.log")
+    holder = subprocess.Popen([sys.executable, "-W", "ignore", "-c", HOLD_THE_ALGORITHM_LOCK, str(database),
+                               "--when-told"], cwd=REPO_ROOT, env=clean_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "ready\n"
+    wait_for_status(database, "reserved")
+    [unseen] = [t["id"] for t in read_trials(database) if t["status"] == "reserved"]
+    holder.stdin.write("go\n")  # While the trial runs: the worker needs the lock only once it ends.
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    # Completed, then `observe`: waiting for the lock (120 s before it counts as stale).
+    wait_until(lambda: unseen in completed_ids(database), 60, "the trial completed")
+    time.sleep(1)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 130
+    assert "warning: signalled while waiting for the algorithm lock" in (tmp_path / "first.log").read_text()
+    second = start_worker(tmp_path, budget_config(3), log_name="second.log", ORION_TOOLS_ALGORITHM_LOCK_STALE=3)
+    assert second.wait(timeout=120) == 0
+    assert f"The algorithm sees now the result of trial(s) {unseen}, " in (tmp_path / "second.log").read_text()
+    assert [t["status"] for t in read_trials(database)] == ["completed"] * 3
 
 
 def read_algo(database: Path) -> list[dict]:
