@@ -16,6 +16,7 @@ in `parse_args`.
 import argparse
 import collections
 import contextlib
+import copy
 import datetime
 import json
 import math
@@ -39,6 +40,7 @@ import orion.core
 import orion.core.cli
 import orion.core.io.database.pickleddb
 from filelock import LeaseSettingsMismatch, SoftFileLease, SoftFileLock, Timeout
+from orion.algo.hyperband import Hyperband
 from orion.client import get_experiment
 from orion.core.io.database import DatabaseTimeout, DuplicateKeyError
 from orion.core.io.database.pickleddb import PickledDB
@@ -48,6 +50,7 @@ from orion.client.runner import Protected
 from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
+from orion.core.worker.trial import Trial
 from orion.core.worker.trial_pacemaker import TrialPacemaker
 from orion.core.utils.exceptions import InexecutableUserScript, LazyWorkers, NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
@@ -395,7 +398,7 @@ def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> in
         missed = [trial for trial in trials if trial.status in ("completed", "broken")
                   and not algorithm.has_observed(trial)]
         if missed:
-            algorithm.observe(missed)
+            algorithm.observe(as_the_algorithm_sees_them(algorithm, missed))
             print(f"The algorithm sees now the result of trial(s) {', '.join(t.id for t in missed)}, which it had "
                   "missed", flush=True)
         # Counted under the lock: no other worker produces meanwhile.
@@ -477,13 +480,31 @@ class ObserveLater(Exception):
     """The wait for the algorithm lock was cut short by a pending SIGTERM (`observe_patiently`)."""
 
 
+# ASHA and Hyperband keep a broken trial in its rung with no objective: a rung that needs it
+# never fills, nothing more is promoted, and the search stalls (orion/algo/hyperband.py). They
+# are shown such a trial as completed with an infinite objective instead (the database keeps it
+# `broken`): its rung fills, it is never promoted, and a trial replaces it within the budget.
+def as_the_algorithm_sees_them(algorithm, trials: list) -> list:
+    """The trials to show the algorithm: for ASHA and Hyperband, a broken one as the worst completed."""
+    if not isinstance(algorithm.unwrapped, Hyperband):
+        return trials
+    shown = []
+    for trial in trials:
+        if trial.status == "broken":
+            trial = copy.deepcopy(trial)
+            trial.status = "completed"
+            trial.results = [Trial.Result(name="objective", type="objective", value=float("inf"))]
+        shown.append(trial)
+    return shown
+
+
 def observe_patiently(self, trial) -> None:
     """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock,
     unless a SIGTERM is pending."""
     LOCK_WAIT.unless_signalled = True
     try:
         with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
-            algorithm.observe([trial])
+            algorithm.observe(as_the_algorithm_sees_them(algorithm, [trial]))
     except ObserveLater:
         print(f"warning: signalled while waiting for the algorithm lock: the result of trial {trial.id} is saved, "
               "and the algorithm sees it at the next suggestion", file=sys.stderr, flush=True)

@@ -170,7 +170,7 @@ def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
     assert [t.status for t in trials_of(tmp_path)] == ["completed"] * 7
 
 
-# --- ASHA with broken trials (issue 18, finding 5) ---------------------------------------------
+# --- ASHA with broken trials, LazyWorkers (issue 18, finding 5) ---------------------------------------------
 
 ASHA_CONFIG = """experiment:
   algorithm:
@@ -186,10 +186,10 @@ worker:
 """
 
 
-def test_asha_stalled_by_broken_trials_fails_visibly(tmp_path):
-    """Trials above a learning rate of 0.01 break: ASHA keeps them in their rung, which then never
-    fills, and suggests nothing more. Oríon's workers idled into LazyWorkers, which job.sh took for
-    success; now each says so in one line and exits 1."""
+def test_asha_with_broken_trials_reaches_its_budget(tmp_path):
+    """Trials above a learning rate of 0.01 break. ASHA kept them in their rung with no objective: the
+    rung never filled, nothing more was suggested, every worker idled into LazyWorkers (which job.sh
+    took for success) at 3 of 8 trials. Now ASHA sees them as the worst results."""
     (tmp_path / "orion-config.yml").write_text(ASHA_CONFIG)
     command = [*standin_hunt_command("asha", tmp_path / "orion-config.yml", tmp_path / "trials", "--sleep", 1,
                                      "--break-above", 0.01), "--epochs~fidelity(1, 4, base=2)"]
@@ -197,17 +197,36 @@ def test_asha_stalled_by_broken_trials_fails_visibly(tmp_path):
     workers = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    completed = sum(t.status == "completed" for t in get_experiment(
-        "asha", storage=orion_tools.storage(str(tmp_path / "orion_db.pkl"))).fetch_trials())
-    assert completed < 8  # The stall this test is about.
-    assert [worker.returncode for worker in workers] == [1, 1]
-    for output in outputs:
-        # (The broken trials' own lines start with "error: learning rate".)
-        [error] = [line for line in output.splitlines() if line.startswith("error: search")]
-        assert error.startswith(f"error: search asha stopped at {completed} of 8 completed trials, no trial to "
-                                "run for idle_timeout: asha suggests no more trials while ")
-        assert "LazyWorkers" not in output
+    trials = get_experiment("asha", storage=orion_tools.storage(str(tmp_path / "orion_db.pkl"))).fetch_trials()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert sum(t.status == "completed" for t in trials) == 8
+    assert any(t.status == "broken" for t in trials)  # What this test is about.
+    assert max(t.params["/epochs"] for t in trials if t.status == "completed") == 4  # Promoted to the top rung.
 
+
+@pytest.mark.parametrize("other_trial", ["broken", "reserved by a live worker"])
+def test_an_idle_worker_fails_only_when_the_search_is_stuck(experiment, capsys, other_trial):
+    """After Oríon's LazyWorkers (idle for idle_timeout): exit 0 only if the trials left run elsewhere."""
+    experiment.insert(params={"x": 0.5}, results=[{"name": "objective", "type": "objective", "value": 0.3}])
+    trial = experiment.insert(params={"x": 0.25})
+    if other_trial == "broken":
+        experiment.storage.set_trial_status(trial, status="broken")
+    else:
+        experiment.storage.set_trial_status(trial, status="reserved")
+    experiment._experiment.max_trials = 3
+    orion_tools.EXPERIMENT[:] = [experiment._experiment]
+    code = orion_tools.idle_verdict()
+    out, err = capsys.readouterr()
+    if other_trial == "broken":
+        assert code == 1
+        assert err == ("error: search exp stopped at 1 of 3 completed trials, no trial to run for idle_timeout: random "
+                       "suggests no more trials while 1 trial(s) are broken (ASHA and Hyperband wait for a broken "
+                       "trial's rung): fix their cause (their train.log), then run a new experiment "
+                       "(ORION_EXPERIMENT=<new name>)\n")
+    else:
+        assert code == 0
+        assert out == ("No trial left for this worker; 1 trial(s) still run in other workers, which finish the "
+                       "search.\n")
 
 # --- check-database: an emptied database is refused, a readable one backed up ----------------
 
