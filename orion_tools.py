@@ -240,7 +240,7 @@ class LeasedLock:
                 f"this process held the lock of the Oríon database {self.path[:-len('.lock')]} but was stalled "
                 f"{silent:.0f} s (suspended? a file server stall?) and "
                 + ("another process took the lock over" if not ours else "may have lost it")
-                + ": it wrote nothing and stops; the other workers go on, run it again to resume")
+                + ": it wrote nothing, and stops; the other workers go on")
 
     def release(self) -> None:
         with LeasedLock._holds_lock:
