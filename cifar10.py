@@ -2,14 +2,14 @@
 disk, reading and checking its pickled batches, its normalization statistics and augmentation.
 
 main.py imports it as `dataset` and calls `dataset.load(data_dir)` and `dataset.augment(images)`;
-job.sh stages it on each node (step 2); a small look-alike for a first try without the real data:
+job.sh stages it on each node (step 2: `stage`, from $CIFAR10_ARCHIVE, or downloaded and
+checked); a small look-alike, for a first try without the real data:
 
-    python cifar10.py stage $SLURM_TMPDIR/data   # from $CIFAR10_ARCHIVE, or downloaded and checked
     python cifar10.py sample data                # data/cifar-10-python.tar.gz, 500 generated images
 
-To train on your own data, write a module like this one, with the same four names (README,
-"Make it yours"): `stage`, `load`, `augment`, and `write_sample` (a small sample in the data
-set's own format, that the tests and a dry run use).
+To train on your own data, write a module like this one, with the same names (README, "Make it
+yours"): `load`, `augment`, `stage`, `SOURCE_VARIABLE`, `DEFAULT_SOURCE`, and `write_sample` (a
+small sample in the data set's own format, that the tests train on).
 
 We read the pickled batches ourselves rather than through torchvision's CIFAR10 class: it checks
 the official files' MD5s (so it refuses the small look-alike the tests generate) and decodes
@@ -77,7 +77,7 @@ def stage(destination: Path, source: Path) -> None:
     find_or_extract(destination)  # Here, once, rather than in every trial.
 
 
-def more_space_advice(needed_mb: int) -> str:
+def more_space_advice(needed_mb: int) -> str:  # Under Slurm, or a dry run of job.sh.
     if "SLURM_JOB_ID" in os.environ:
         return f"ask for nodes with more local disk (sbatch --tmp={needed_mb}M, where the cluster sets it)"
     return "export TMPDIR=a folder with more space (this dry run's $SLURM_TMPDIR is made there)"
@@ -186,18 +186,8 @@ def augment(images):
     return torch.where(flip.view(n, 1, 1, 1), cropped.flip(3), cropped)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Stage CIFAR-10 on this node's local disk, or write a sample.")
-    parser.add_argument("command", choices=["stage", "sample"])
-    parser.add_argument("destination", type=Path, help="the folder: $SLURM_TMPDIR/data for stage")
-    args = parser.parse_args()
-    if args.command == "sample":
-        print(write_sample(args.destination))
-        sys.exit(0)
-    try:
-        stage(args.destination, Path(os.environ.get(SOURCE_VARIABLE, DEFAULT_SOURCE)))
-    except DataError as error:
-        sys.exit(f"error: {error}")
-    except OSError as error:  # A copy or extraction that ran out of space, a read error...
-        sys.exit(f"error: staging CIFAR-10 in {args.destination} failed ({error}): "
-                 f"{more_space_advice(ARCHIVE_BYTES * 22 // 10 // 10**6)}")
+if __name__ == "__main__":  # python cifar10.py sample FOLDER
+    parser = argparse.ArgumentParser(description="Write a small look-alike of the CIFAR-10 archive, for a first try.")
+    parser.add_argument("command", choices=["sample"])
+    parser.add_argument("folder", type=Path)
+    print(write_sample(parser.parse_args().folder))

@@ -22,6 +22,9 @@
 #SBATCH --signal=B:USR1@120
 #SBATCH --job-name=orion-example
 
+# `sh job.sh` would stop at the first bash-only line with a syntax error: say so first.
+if [ -z "${BASH_VERSION:-}" ]; then echo "error: run job.sh with bash (or sbatch), not sh" >&2; exit 1; fi
+
 # The search space: a prior per hyperparameter of main.py that Oríon searches (README, "Make it
 # yours"); Oríon replaces each with a value in every trial. ASHA adds --epochs (step 1).
 priors=(
@@ -136,8 +139,9 @@ check_and_set_defaults() {
     export ORION_DB_TYPE=pickleddb
     export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
     export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see README, "Preemption".
-    if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT <= 12 )); then
-        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds above 12 (README," \
+    # At least orion_tools.py's MIN_HEARTBEAT: 4 heartbeats must outlast the database lock's lease.
+    if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT < 23 )); then
+        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds of at least 23 (README," \
             "\"Preemption\"), e.g. the default, 30" >&2
         exit 1
     fi
@@ -188,12 +192,9 @@ set_up_environment() {
     # stages the data on each node's local disk, $SLURM_TMPDIR, once, before the workers start:
     # trials then never read from the shared filesystem.
     local data_module
-    if ! data_module=$(python -c 'import sys, main, orion_tools; sys.argv[0] = "main.py"
-orion_tools.check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}"); then
-        echo "error: main.py refuses the arguments after job.sh (see above): correct them and submit again" >&2
-        exit 2
-    fi
-    "${on_each_node[@]}" python "$data_module" stage "$SLURM_TMPDIR/data"
+    data_module=$(python -c 'import sys, main, orion_tools; sys.argv[0] = "main.py"
+orion_tools.check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}")
+    "${on_each_node[@]}" python orion_tools.py stage-data --module "$data_module" --destination "$SLURM_TMPDIR/data"
 }
 
 environment_ready() {
@@ -244,8 +245,8 @@ storage:
         type: pickleddb
         host: $ORION_DB_ADDRESS
         # Seconds a worker waits for the database's lock (Oríon's default: 60). Above
-        # orion_tools.py's DATABASE_LOCK_LIFETIME, so a lock left by a killed worker is broken
-        # before anyone gives up (README, "Many workers on one database").
+        # orion_tools.py's DATABASE_LOCK_LEASE (90 s), so a lock left by a killed worker is
+        # taken over before anyone gives up (README, "Many workers on one database").
         timeout: 120
 EOF
     # For `uv run orion info/plot` as written: see README, "Quick start".

@@ -1,10 +1,11 @@
-"""What job.sh asks of Oríon's database, beyond `orion hunt`: one subcommand per task.
+"""What job.sh does in Python, beyond `orion hunt` itself: one subcommand per task.
 
     python orion_tools.py hunt [--worker-records DIR] -n NAME --config FILE ... python main.py ...
                                                   # orion hunt, exact budget; records what it ran
     python orion_tools.py reclaim --experiment NAME --trials-dir DIR --job-id ID --since EPOCH
     python orion_tools.py job-verdict --worker-records DIR --hunt-status N [--experiment NAME]
                                                   # what a job ran, its exit code
+    python orion_tools.py stage-data --module cifar10.py --destination DIR   # the data set, on a node
     python orion_tools.py check-database [--experiment NAME]   # refuse an emptied database, back it up
     python orion_tools.py check-experiment --experiment NAME --algorithm YAML -- python main.py ...
                                                   # refuse a bad prior, or a rerun with other settings
@@ -19,17 +20,23 @@ in `parse_args`.
 import argparse
 import collections
 import contextlib
+import copy
 import datetime
+import importlib.util
 import io
 import json
+import math
 import os
 import pickle
 import re
+import secrets
 import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,48 +45,283 @@ import yaml
 import orion.core
 import orion.core.cli.hunt
 import orion.core.io.database.pickleddb
-from filelock import SoftFileLock
+from filelock import LeaseSettingsMismatch, SoftFileLease, SoftFileLock, Timeout
+from orion.algo.hyperband import Hyperband
 from orion.client import get_experiment
 from orion.core.cli.base import OrionArgsParser
 from orion.core.io.database import DatabaseTimeout, DuplicateKeyError
+from orion.core.io.database.pickleddb import PickledDB
 from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
 from orion.core.io.space_builder import SpaceBuilder
+from orion.client.runner import Protected
 from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.producer import Producer
+from orion.core.worker.trial import Trial
 from orion.core.worker.trial_pacemaker import TrialPacemaker
-from orion.core.utils.exceptions import LazyWorkers, NoConfigurationError
+from orion.core.utils.exceptions import InexecutableUserScript, LazyWorkers, NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
+from orion.storage.base import LockedAlgorithmState, get_uid
+from orion.storage.legacy import Legacy
 
 # What a worker writes in a trial's folder when it starts running the trial (`record_worker`).
 WORKER_FILE = "worker.json"
 
 
 # --- The database lock: what every subcommand gets -------------------------------------------
-# PickledDB locks its file for each read and write (well under a second each). Where the
-# filesystem has flock (ext4, GPFS, Lustre mounted with flock) the kernel releases the lock of
-# a process that dies. Elsewhere (NFS, tmpfs, XFS, Lustre without flock) Oríon uses a
-# SoftFileLock: a marker file, `orion_db.pkl.lock`, that exists while a process holds the
-# lock. A worker SIGKILLed while holding it (Slurm does so on preemption, node failure and
-# after the grace time) leaves the marker behind; filelock only judges it stale when it was
-# written on this host by a process that is gone, so a marker from another node stopped every
-# worker, for good. Here, the next process that waits for a marker older than
-# DATABASE_LOCK_LIFETIME breaks it (see README, "Many workers on one database").
-DATABASE_LOCK_LIFETIME = 30  # s; a thousand times the usual hold of the lock.
-# How long a process waits for the lock before Oríon's DatabaseTimeout: above the lifetime, so
-# that a stale marker is broken before anyone gives up. (Oríon's default is 60 s; job.sh puts
-# this value in the workers' configuration, `storage.database.timeout`.)
+# PickledDB (Oríon's file database) locks its file for each operation, unpickles the whole file,
+# changes it and writes it back (a temporary file, then a rename). Where the filesystem has
+# flock (ext4, GPFS, Lustre mounted with flock) Oríon takes a kernel lock: no one can take it
+# from a live process, and the kernel frees it when its holder dies. Kept as it is. Elsewhere
+# (NFS, tmpfs, XFS, Lustre without flock) Oríon uses a marker file, `orion_db.pkl.lock`, which
+# filelock judges stale only when its holder is a dead process of this host: a worker SIGKILLed
+# on another node stopped every worker, for good. Breaking a marker by its age alone (filelock's
+# `lifetime`, what this file did before) admits a second writer while the first is alive but
+# stalled (SIGSTOP: Slurm suspend or gang scheduling; an NFS stall; swapping; or a node's clock
+# ahead of the file server's): resumed, the first wrote back the copy it had read before its
+# stall (completed trials rolled back, then run again), and through PickledDB's shared
+# temporary name `orion_db.pkl.tmp` it renamed or tore the other writer's file. So, for a soft
+# lock (README, "Many workers on one database"):
+# - A lease (filelock's SoftFileLease): the marker carries a unique token, and its holder renews
+#   it (touches it) every DATABASE_LOCK_LEASE / 10 s while it holds the lock, so a live holder
+#   keeps it however long it holds. Another process takes the marker over once it has seen it
+#   unchanged for DATABASE_LOCK_LEASE seconds by its own clock (a clock ahead of the file
+#   server's cannot shorten that). A marker of another kind (a plain `orion` command's)
+#   unchanged that long is broken too.
+# - Fencing: each writer writes its own temporary file (host, pid and thread in its name) and
+#   renames it over the database only if, right before the rename, the marker is still its own
+#   (the same file) and was renewed less than half a lease ago: a takeover needs a whole lease
+#   of silence. Otherwise it deletes its file, writes nothing, and stops with one line
+#   (DatabaseLockLost). Left: a stall of half a lease between that check and the rename.
+# - The lease, 90 s, is a hundred times the longest normal hold (2-10 ms up to 500 trials,
+#   0.2-0.8 s at 5,000 trials): only a stall lasts that long. A holder stalled for more than
+#   half of it stops (its job says why); one stalled less goes on. Longer would also tolerate
+#   longer stalls, but a marker left by a worker killed on another node stops everyone for a lease.
+# Every process on one database must use the same lease (filelock refuses another):
+# ORION_TOOLS_LOCK_LEASE, seconds, exists for the tests, which cannot wait 90 s.
+DATABASE_LOCK_LEASE = float(os.environ.get("ORION_TOOLS_LOCK_LEASE", 90))  # s
+# How long a process waits for the lock before Oríon's DatabaseTimeout. (Oríon's default is 60
+# s; job.sh puts this value in the workers' configuration, `storage.database.timeout`.) Above
+# the lease, so that a marker left by a killed worker is broken before anyone gives up.
 DATABASE_LOCK_TIMEOUT = 120  # s
+LOCK_POLL = 1.0  # s between two looks at a marker that filelock does not break.
+LOCK_WAIT = threading.local()  # .until: time.monotonic() after which this thread waits no more.
 
 ORIONS_CREATE_LOCK = orion.core.io.database.pickleddb._create_lock  # Before `main` replaces it.
+HOST = socket.gethostname()
 
 
-def lock_with_lifetime(path):
-    """Oríon's lock for the database file, a soft one breakable after DATABASE_LOCK_LIFETIME."""
+class DatabaseLockError(BaseException):
+    """The database cannot be used safely: one line for the user, and the worker stops.
+
+    A BaseException, as KeyboardInterrupt: Oríon's worker turns an Exception raised while it
+    prepares a trial into a broken trial, and goes on; this must stop it.
+    """
+
+
+class DatabaseLockLost(DatabaseLockError):
+    """This process's soft lock on the database was taken over while it held it: nothing written."""
+
+
+def clock() -> float:
+    """Seconds, counting a suspended machine's time too (CLOCK_BOOTTIME; time.monotonic() does not)."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+def identity(stat: os.stat_result) -> tuple[int, int]:
+    return stat.st_dev, stat.st_ino
+
+
+class RenewedElsewhere(SoftFileLease):
+    """filelock's lease without its renewal thread: LeasedLock renews (one thread per process, where
+    filelock starts one per hold: 6 ms inside each hold on a loaded node, more than the hold itself)."""
+
+    def _start_heartbeat(self, claim, fd, identity, token) -> None:  # filelock 4.3.1's hook.
+        pass
+
+
+class LeasedLock:
+    """The soft lock described above: acquire(timeout), check() before a write, release()."""
+
+    # One thread per process renews every hold of the process.
+    _holds: set = set()
+    _holds_lock = threading.Lock()
+    _renewer: threading.Thread | None = None
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lease = RenewedElsewhere(path, lease_duration=DATABASE_LOCK_LEASE)
+        self.fd = None
+        self.marker = None  # identity() of our marker
+        self.renewed = 0.0  # clock() before our last successful renewal
+        self.mutex = threading.Lock()  # The renewing thread never touches a closed (reused) descriptor.
+
+    def acquire(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        seen = None  # (marker key, when first seen unchanged)
+        while True:
+            try:
+                self.lease.acquire(timeout=max(0.0, min(LOCK_POLL, deadline - time.monotonic())))
+                break
+            except LeaseSettingsMismatch:
+                raise DatabaseLockError(
+                    f"another process locks {self.path} with another lease (ORION_TOOLS_LOCK_LEASE): "
+                    "every worker of one database must use the same") from None
+            except Timeout:
+                if time.monotonic() >= deadline:
+                    raise
+                seen = self._break_if_unchanged(seen)
+        try:
+            before = clock()
+            self.fd = os.open(self.path, os.O_RDONLY)
+            content = os.read(self.fd, 4096).decode(errors="replace")
+            self.marker = identity(os.fstat(self.fd))
+            if self.lease.token not in content or identity(os.lstat(self.path)) != self.marker:
+                raise DatabaseLockLost(f"the lock {self.path} was taken over as soon as this process got it")
+            os.utime(self.fd)  # Contenders time the lease from this change.
+            self.renewed = before
+        except BaseException:
+            self.release()
+            raise
+        with LeasedLock._holds_lock:
+            LeasedLock._holds.add(self)
+            if LeasedLock._renewer is None:
+                LeasedLock._renewer = threading.Thread(target=LeasedLock._renew_all, daemon=True,
+                                                       name="orion-tools-lease")
+                LeasedLock._renewer.start()
+
+    def _break_if_unchanged(self, seen):
+        """Breaks a marker unchanged for a lease that filelock keeps (another kind, another host)."""
+        try:
+            stat = os.lstat(self.path)
+        except FileNotFoundError:
+            return None
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+        now = time.monotonic()
+        if seen is None or seen[0] != key:
+            return key, now
+        if now - seen[1] < DATABASE_LOCK_LEASE + LOCK_POLL:
+            return seen
+        aside = temporary_path(f"{self.path}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return None
+        if os.lstat(aside).st_ino != stat.st_ino:  # Replaced meanwhile by a live holder's: put it back.
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.path)
+        else:
+            print(f"warning: broke the lock {self.path}, unchanged for {now - seen[1]:.0f} s "
+                  f"(left by a process that died on another host?)", file=sys.stderr, flush=True)
+        os.unlink(aside)
+        return None
+
+    @classmethod
+    def _renew_all(cls) -> None:
+        while True:
+            time.sleep(DATABASE_LOCK_LEASE / 10)
+            with cls._holds_lock:
+                holds = list(cls._holds)
+            for hold in holds:
+                hold.renew()
+
+    def renew(self) -> None:
+        before = clock()
+        with self.mutex:
+            try:
+                if self.fd is not None and identity(os.lstat(self.path)) == self.marker:
+                    os.utime(self.fd)
+                    self.renewed = before
+            except OSError:  # Gone: check() tells.
+                pass
+
+    def check(self) -> None:
+        """Raises DatabaseLockLost unless this process still holds the lock, for half a lease at least."""
+        try:
+            ours = identity(os.lstat(self.path)) == self.marker
+        except FileNotFoundError:
+            ours = False
+        silent = clock() - self.renewed
+        if not ours or silent >= DATABASE_LOCK_LEASE / 2:
+            raise DatabaseLockLost(
+                f"this process held the lock of the Oríon database {self.path[:-len('.lock')]} but was stalled "
+                f"{silent:.0f} s (suspended? a file server stall?) and "
+                + ("another process took the lock over" if not ours else "may have lost it")
+                + ": it wrote nothing, and stops; the other workers go on")
+
+    def release(self) -> None:
+        with LeasedLock._holds_lock:
+            LeasedLock._holds.discard(self)
+        with self.mutex:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+        self.lease.release()
+
+
+class KernelLock:
+    """Oríon's flock, as it is: check() has nothing to check."""
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def acquire(self, timeout: float) -> None:
+        self.lock.acquire(timeout=timeout)
+
+    def check(self) -> None:
+        pass
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+def database_lock(path: str):
+    """The lock for a database's lock file `path`: Oríon's flock, or a LeasedLock instead of its soft lock."""
     lock = ORIONS_CREATE_LOCK(path)
-    if isinstance(lock, SoftFileLock):
-        lock.lifetime = DATABASE_LOCK_LIFETIME
-    return lock
+    return LeasedLock(path) if isinstance(lock, SoftFileLock) else KernelLock(lock)
+
+
+def temporary_path(path) -> str:
+    """A temporary name beside `path`, unique across hosts, processes and threads, and across pid
+    namespaces (containers) of one host: the same host name and pid there, so a random part too."""
+    return f"{path}.{HOST}.{os.getpid()}.{threading.get_native_id()}.{secrets.token_hex(4)}.tmp"
+
+
+@contextlib.contextmanager
+def fenced_locked_database(self, write=True):
+    """Oríon's `PickledDB.locked_database`, with database_lock() and a fenced write of its own name."""
+    lock = database_lock(self.host + ".lock")
+    # A heartbeat waits no longer than its deadline (`beat`).
+    until = getattr(LOCK_WAIT, "until", None)
+    timeout = self.timeout if until is None else max(0.0, min(self.timeout, until - time.monotonic()))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout as error:
+        # One line, not Oríon's 20 (TIMEOUT_ERROR_MESSAGE).
+        raise DatabaseTimeout(f"the Oríon database {self.host} stayed locked for {timeout:.1f} s: too many "
+                              "workers on one database, or a stalled file server? (README, \"Many workers on one "
+                              "database\")") from error
+    try:
+        database = self._get_database()
+        yield database
+        if write:
+            temporary = temporary_path(self.host)
+            try:
+                with open(temporary, "wb") as file:
+                    pickle.dump(database, file)
+                lock.check()
+                os.rename(temporary, self.host)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(temporary)
+                raise
+    finally:
+        lock.release()
+
+
+def install_database_lock() -> None:
+    """Every PickledDB of this process locks and writes as described above."""
+    PickledDB.locked_database = fenced_locked_database
 
 
 def storage(database: str) -> dict:
@@ -149,12 +391,28 @@ def trials_left(experiment, trials) -> int:
     return experiment.max_trials - sum(trial.status != "broken" for trial in trials)
 
 
-def produce_within_budget(self, pool_size, timeout=60, retry_interval=1) -> int:
+def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> int:
     """Oríon's `Producer.produce`, suggesting no more trials than the budget has left."""
     produced = 0
+    if trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False)) <= 0:
+        # Budget used: this worker waits for the last trials (`done_within_budget`). Oríon's
+        # runner asks again at once, a dozen database operations each time: not more often.
+        time.sleep(min(5.0, orion.core.config.worker.heartbeat / 4))
+        return 0
+    # Not Oríon's 60 s: long enough to see a stale lock (`algorithm_lock`).
+    timeout = ALGORITHM_LOCK_TIMEOUT if timeout is None else timeout
     with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
+        trials = self.experiment.fetch_trials(with_evc_tree=False)
+        # Results the algorithm missed: their worker was killed, or took a SIGTERM, between the
+        # trial's end and `observe` (see `observe_patiently`). Shown now, so that it suggests on them.
+        missed = [trial for trial in trials if trial.status in ("completed", "broken")
+                  and not algorithm.has_observed(trial)]
+        if missed:
+            algorithm.observe(as_the_algorithm_sees_them(algorithm, missed))
+            print(f"The algorithm sees now the result of trial(s) {', '.join(t.id for t in missed)}, which it had "
+                  "missed", flush=True)
         # Counted under the lock: no other worker produces meanwhile.
-        left = trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False))
+        left = trials_left(self.experiment, trials)
         for trial in algorithm.suggest(min(pool_size, left)) if left > 0 else []:
             try:
                 self.experiment.register_trial(trial)
@@ -167,28 +425,40 @@ def produce_within_budget(self, pool_size, timeout=60, retry_interval=1) -> int:
 ORIONS_IS_DONE = Experiment.is_done  # Before `hunt` replaces it.
 
 
+# The end of a search: once the budget is handed out, a worker with nothing to run used to exit
+# at once, even while other workers' trials were still reserved: when the last of those workers
+# died (SIGKILL, node failure), no worker was left to resume its trial once it counted as lost,
+# and the search ended short, exit 0. Now a worker that has run a trial stays while any trial is
+# reserved (it polls every ORION_HEARTBEAT / 4 s, at most 5 s), and resumes a trial that
+# becomes lost; a worker that never got one (a spare: more workers than trials) still exits at
+# once, since the workers that did get one stay. (Up to `idle_timeout`, as for any idle worker.)
+RAN_A_TRIAL = threading.Event()
+
+
 def done_within_budget(self) -> bool:
-    """Oríon's `is_done`, or: the budget is used up and no trial is waiting for a worker.
+    """Oríon's `is_done`, or: the budget is used up, no trial is waiting for a worker, and (for a
+    worker that has run a trial) no trial is still reserved by another.
 
     A waiting trial is `new`, `interrupted` (preempted), or `reserved` by a worker that died
     (no heartbeat for 5 x ORION_HEARTBEAT: Oríon then hands it out again).
     """
+    EXPERIMENT[:] = [self]
     if ORIONS_IS_DONE.fget(self):
         return True
     lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
-    trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for both questions.
+    trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for all questions.
     waiting = [
         trial for trial in trials
         if trial.status in ("new", "interrupted")
         or (trial.status == "reserved" and trial.heartbeat is not None and trial.heartbeat <= lost_before)
     ]
-    return trials_left(self, trials) <= 0 and not waiting
+    if trials_left(self, trials) > 0 or waiting:
+        return False
+    return not (RAN_A_TRIAL.is_set() and any(trial.status == "reserved" for trial in trials))
 
 
 
-# Three more faults that Oríon 0.2.7 does not handle in a worker:
-# - A DatabaseTimeout in the heartbeat thread ended that thread without a word, while the trial
-#   went on: 5 x ORION_HEARTBEAT later, another worker took the trial and ran it too.
+# More faults that Oríon 0.2.7 does not handle in a worker:
 # - A trial killed with SIGKILL (the kernel's out-of-memory killer, `scancel --signal=KILL`)
 #   became `broken` and counted toward max_broken, like a failure of main.py itself. The cluster
 #   ended it, not main.py: it becomes `interrupted`, resumed later from its last checkpoint, and
@@ -201,43 +471,233 @@ def done_within_budget(self) -> bool:
 ALGORITHM_LOCK_TIMEOUT = 600  # s
 
 
+# Oríon shows a result to the algorithm inside a block that holds back SIGTERM (the runner's
+# `Protected`): a worker that Slurm signals while it waits for the algorithm lock (up to
+# ALGORITHM_LOCK_TIMEOUT) stayed deaf to it, past job.sh's 120 s before the time limit. Once a
+# SIGTERM is pending, the wait ends: the result is in the database already (the trial is
+# `completed`), and the next `produce`, by any worker, shows it to the algorithm.
+TERM_PENDING = threading.Event()
+ORIONS_PROTECTED_HANDLER = Protected.handler
+
+
+def note_signal(self, sig, frame) -> None:
+    """Oríon's `Protected.handler` (a SIGINT or SIGTERM held back), which also tells `algorithm_lock`."""
+    TERM_PENDING.set()
+    ORIONS_PROTECTED_HANDLER(self, sig, frame)
+
+
+class ObserveLater(Exception):
+    """The wait for the algorithm lock was cut short by a pending SIGTERM (`observe_patiently`)."""
+
+
+# ASHA and Hyperband keep a broken trial in its rung with no objective: a rung that needs it
+# never fills, nothing more is promoted, and the search stalls (orion/algo/hyperband.py). They
+# are shown such a trial as completed with an infinite objective instead (the database keeps it
+# `broken`): its rung fills, it is never promoted, and a trial replaces it within the budget.
+def as_the_algorithm_sees_them(algorithm, trials: list) -> list:
+    """The trials to show the algorithm: for ASHA and Hyperband, a broken one as the worst completed."""
+    if not isinstance(algorithm.unwrapped, Hyperband):
+        return trials
+    shown = []
+    for trial in trials:
+        if trial.status == "broken":
+            trial = copy.deepcopy(trial)
+            trial.status = "completed"
+            trial.results = [Trial.Result(name="objective", type="objective", value=float("inf"))]
+        shown.append(trial)
+    return shown
+
+
 def observe_patiently(self, trial) -> None:
-    """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock."""
-    with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
-        algorithm.observe([trial])
-
-
-ORIONS_MONITOR_TRIAL = TrialPacemaker._monitor_trial
-
-
-def monitor_trial_through_timeouts(self) -> None:
-    """Oríon's heartbeat of a running trial, which retries when the database stays locked."""
-    while not self.stopped.is_set():
-        try:
-            return ORIONS_MONITOR_TRIAL(self)
-        except DatabaseTimeout:
-            print(f"warning: the database stayed locked for {DATABASE_LOCK_TIMEOUT} s: heartbeat of trial "
-                  f"{self.trial.id} late; trying again", file=sys.stderr, flush=True)
-
-
-ORIONS_EXECUTE_PROCESS = Consumer.execute_process
-
-
-def execute_killed_as_interrupted(self, cmd_args, environ) -> None:
-    """Oríon's run of the trial's command, where a SIGKILL means `interrupted`, not `broken`."""
+    """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock,
+    unless a SIGTERM is pending."""
+    LOCK_WAIT.unless_signalled = True
     try:
-        ORIONS_EXECUTE_PROCESS(self, cmd_args, environ)
-    except ExecutionError as error:
-        if error.return_code != -signal.SIGKILL:
-            raise
-        print("error: the trial was killed (SIGKILL: out of host memory? `sacct -j $SLURM_JOB_ID` says); "
-              "it is marked interrupted and resumes later from its last checkpoint; this worker stops",
-              file=sys.stderr, flush=True)
-        # The exit status Oríon's runner takes for "interrupted": it then releases the trial
-        # as such and stops, as on Ctrl-C.
-        interrupted = ExecutionError(orion.core.config.worker.interrupt_signal_code)
-        interrupted.killed = True  # For the worker's record (`consume_and_record`).
-        raise interrupted from error
+        with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
+            algorithm.observe(as_the_algorithm_sees_them(algorithm, [trial]))
+    except ObserveLater:
+        print(f"warning: signalled while waiting for the algorithm lock: the result of trial {trial.id} is saved, "
+              "and the algorithm sees it at the next suggestion", file=sys.stderr, flush=True)
+    finally:
+        LOCK_WAIT.unless_signalled = False
+
+
+# --- The algorithm lock ------------------------------------------------------------------------
+# Oríon's algorithm lock is a flag, `locked`, in the experiment's algo document: a worker sets
+# it (with `heartbeat`: its clock) to suggest or observe, and clears it, saving the algorithm's
+# state, when done. Nothing expires it: a worker killed while holding it (SIGKILL on preemption,
+# a node failure) stopped the search for good: the others waited 60 s, then died of
+# LockAcquisitionTimeout or idled into LazyWorkers, and job.sh reported success. Here
+# (`algorithm_lock`): a waiting worker that sees the same holder (the same `heartbeat` value)
+# for ALGORITHM_LOCK_STALE seconds by its own clock takes the lock over, in one atomic update
+# that names that value (two waiters cannot both take it). The longest normal hold measured is
+# 9.6 s (TPE, 5,000 trials). A holder that was only stalled, once resumed, finds the lock
+# no longer its own when it releases it: it saves nothing and stops with one line
+# (DatabaseLockLost). If the wait runs out anyway (ALGORITHM_LOCK_TIMEOUT), the worker stops
+# with one line that names `orion db release`. ORION_TOOLS_ALGORITHM_LOCK_STALE: for the tests.
+ALGORITHM_LOCK_STALE = float(os.environ.get("ORION_TOOLS_ALGORITHM_LOCK_STALE", 120))  # s
+
+
+class AlgorithmLockTimeout(DatabaseLockError):
+    """The algorithm lock stayed taken for ALGORITHM_LOCK_TIMEOUT: one line, naming `orion db release`."""
+
+
+@contextlib.contextmanager
+def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1):
+    """Oríon's `Legacy.acquire_algorithm_lock`, which takes over a stale lock and fences its release."""
+    uid = get_uid(experiment, uid)
+    name = getattr(experiment, "name", uid)
+    deadline = time.monotonic() + timeout
+    seen = None  # (the holder's heartbeat, when first seen)
+    while True:
+        mine = datetime.datetime.utcnow()
+        document = self._db.read_and_write("algo", query=dict(experiment=uid, locked=0),
+                                           data=dict(locked=1, heartbeat=mine))
+        if document is not None:
+            break
+        [current] = self._db.read("algo", {"experiment": uid}) or [None]
+        now = time.monotonic()
+        if current is None or current.get("locked") != 1:
+            seen = None
+        elif seen is None or seen[0] != current.get("heartbeat"):
+            seen = (current.get("heartbeat"), now)
+        elif now - seen[1] >= ALGORITHM_LOCK_STALE:
+            document = self._db.read_and_write(
+                "algo", query=dict(experiment=uid, locked=1, heartbeat=seen[0]), data=dict(locked=1, heartbeat=mine))
+            if document is not None:
+                print(f"warning: took over the algorithm lock of experiment {name}, taken at {seen[0]} UTC and "
+                      f"unchanged for {now - seen[1]:.0f} s (its worker died?)", file=sys.stderr, flush=True)
+                break
+        if TERM_PENDING.is_set() and getattr(LOCK_WAIT, "unless_signalled", False):
+            raise ObserveLater()
+        if now >= deadline:
+            raise AlgorithmLockTimeout(
+                f"the algorithm lock of experiment {name} stayed taken for {timeout:.0f} s: if no worker of it "
+                f"runs, release it with: ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS={self._db.host} "
+                f"uv run orion db release {name}")
+        time.sleep(retry_interval)
+    locked = LockedAlgorithmState(
+        state=pickle.loads(document["state"]) if document["state"] is not None else None,
+        configuration=document["configuration"], locked=True)
+    try:
+        yield locked
+    except BaseException:
+        locked.reset()
+        raise
+    finally:
+        new_data = dict(experiment=uid, locked=0, heartbeat=datetime.datetime.utcnow())
+        if locked.state is not None:
+            new_data["state"] = pickle.dumps(locked.state)
+        # Only if it is still ours: a lock taken over meanwhile keeps its new holder's state.
+        if self._db.read_and_write("algo", query=dict(experiment=uid, locked=1, heartbeat=mine),
+                                   data=new_data) is None:
+            raise DatabaseLockLost(
+                f"this worker held the algorithm lock of experiment {name} so long (stalled?) that another took "
+                f"it over: it saved nothing and stops; the other workers go on")
+
+
+# --- The heartbeat of a running trial -----------------------------------------------------------
+# Every worker, before it reserves a trial, marks `interrupted` (lost, to be run again) every
+# reserved trial whose heartbeat is older than 5 x ORION_HEARTBEAT (Oríon's rule, in
+# `fetch_lost_trials`), without looking again. Oríon 0.2.7's pacemaker wrote the heartbeat
+# every 60 s, hard-coded, whatever ORION_HEARTBEAT said; a write that waited for the database
+# lock (up to its timeout, 120 s in job.sh) came later still; a DatabaseTimeout or any other
+# error (a file server's ESTALE, an unreadable file) ended the thread without a word; and once
+# the trial was taken for lost, the pacemaker stopped silently while the trial went on, run a
+# second time by another worker in the same folder. Here (`beat`): a heartbeat every
+# ORION_HEARTBEAT s; each write waits for the lock no later than 4 x ORION_HEARTBEAT after the
+# last heartbeat written, and an error is retried until then; past it, or as soon as the trial
+# is no longer reserved by this worker, the trial is stopped (SIGTERM: main.py saves a
+# checkpoint; SIGKILL after ORION_HEARTBEAT / 2) and the worker says why in one line and exits
+# 1. So a trial either has a heartbeat younger than 5 x ORION_HEARTBEAT, or its worker stopped
+# it before anyone can take it for lost: it never runs twice. (The margin, one ORION_HEARTBEAT,
+# must also cover the clock difference between nodes: the heartbeat is their local time.)
+# While a dead worker's lock marker waits to be broken (a lease), no heartbeat can be written:
+# 4 x ORION_HEARTBEAT must outlast it, or every running trial would be stopped.
+MIN_HEARTBEAT = math.ceil((DATABASE_LOCK_LEASE + 2 * LOCK_POLL) / 4)  # s
+WORKER_STOPPED = threading.Event()  # Set by stop_worker: this worker stops, its trial too.
+RUNNING_TRIAL: list = []  # The trial's process while one runs (singleexecutor: one at a time).
+
+
+def stop_worker(message: str) -> None:
+    """Prints `error: message` (once), stops the running trial, and makes this worker exit 1."""
+    if WORKER_STOPPED.is_set():
+        return
+    WORKER_STOPPED.set()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    for process in list(RUNNING_TRIAL):
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+            try:
+                process.wait(timeout=orion.core.config.worker.heartbeat / 2)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def beat(self) -> None:
+    """Oríon's `TrialPacemaker.run`: the heartbeat of a running trial, as described above."""
+    interval = orion.core.config.worker.heartbeat
+    written = time.monotonic()  # The reservation wrote the first heartbeat.
+    while not self.stopped.wait(max(0.0, written + interval - time.monotonic())):
+        before = time.monotonic()
+        LOCK_WAIT.until = written + 4 * interval
+        try:
+            if self.storage.update_heartbeat(self.trial):
+                written = before
+                continue
+            # No longer reserved. Once the trial's process has ended, this worker is releasing it
+            # (completed, broken, interrupted) and is about to stop this thread: nothing to say.
+            if RUNNING_TRIAL:
+                status = self.storage.get_trial(self.trial).status
+                stop_worker(f"trial {self.trial.id} is {status}, no longer reserved by this worker, while it runs: "
+                            f"another worker took it for lost (heartbeat older than 5 x ORION_HEARTBEAT = "
+                            f"{5 * interval} s: was this worker stalled?); this worker stopped it and exits")
+            return
+        except DatabaseLockError as error:
+            stop_worker(str(error))
+            return
+        except Exception as error:  # DatabaseTimeout, an unreadable file, ESTALE...: retried until the deadline.
+            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            if time.monotonic() >= LOCK_WAIT.until:
+                stop_worker(f"the heartbeat of trial {self.trial.id} could not be written for "
+                            f"{time.monotonic() - written:.0f} s ({problem}): before another worker takes it for "
+                            f"lost, this worker stopped it (it resumes later) and exits; database: "
+                            f"{orion.core.config.storage.database.host}")
+                return
+            print(f"warning: heartbeat of trial {self.trial.id} late ({problem}); trying again",
+                  file=sys.stderr, flush=True)
+            self.stopped.wait(min(1.0, interval / 4))  # Then again at once: the heartbeat is due.
+        finally:
+            LOCK_WAIT.until = None
+
+
+def run_trial(self, cmd_args, environ) -> None:
+    """Oríon's `Consumer.execute_process` (the trial's command), where a SIGKILL means `interrupted`,
+    not `broken`, and whose process stop_worker can stop."""
+    try:
+        process = subprocess.Popen(cmd_args, env=environ)
+    except PermissionError as error:
+        raise InexecutableUserScript(" ".join(cmd_args)) from error
+    RUNNING_TRIAL.append(process)
+    RAN_A_TRIAL.set()
+    try:
+        return_code = process.wait()
+    finally:
+        RUNNING_TRIAL.remove(process)
+    if WORKER_STOPPED.is_set():  # stop_worker said why. Interrupted: resumed later, not broken.
+        raise ExecutionError(orion.core.config.worker.interrupt_signal_code)
+    if return_code == 0:
+        return
+    if return_code != -signal.SIGKILL:
+        raise ExecutionError(return_code)
+    print("error: the trial was killed (SIGKILL: out of host memory? `sacct -j $SLURM_JOB_ID` says); "
+          "it is marked interrupted and resumes later from its last checkpoint; this worker stops",
+          file=sys.stderr, flush=True)
+    # The exit status Oríon's runner takes for "interrupted": it then releases the trial
+    # as such and stops, as on Ctrl-C.
+    interrupted = ExecutionError(orion.core.config.worker.interrupt_signal_code)
+    interrupted.killed = True  # For the worker's record (`consume_and_record`).
+    raise interrupted
 
 
 # What a worker records, for job.sh's verdict and a requeued job's `reclaim` (rather than their
@@ -254,11 +714,11 @@ def iso(moment) -> str | None:
 
 
 def write_whole(path: Path, text: str) -> None:
-    """Writes `path` through a temporary name of this host and process, then renames it: a reader,
-    or another worker, never sees half of it."""
-    temporary = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, temporary.with_name(path.name))
+    """Writes `path` through a temporary name of its own, then renames it: a reader, or another
+    worker, never sees half of it."""
+    temporary = temporary_path(path)
+    Path(temporary).write_text(text)
+    os.replace(temporary, path)
 
 
 def record_worker(trial) -> None:
@@ -270,7 +730,7 @@ def record_worker(trial) -> None:
 def record_outcome(trial, outcome: str) -> None:
     if WORKER_RECORDS is None:
         return
-    line = json.dumps({"trial": trial.id if trial is not None else None, "outcome": outcome, "end": time.time()}) + "\n"
+    line = json.dumps({"trial": trial.id, "outcome": outcome, "end": time.time()}) + "\n"
     with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as file:
         file.write(line)
 
@@ -295,6 +755,41 @@ def consume_and_record(self, trial, **kwargs):
     return results
 
 
+# A worker that found no trial to run for `idle_timeout` stops with Oríon's LazyWorkers (a
+# traceback), which job.sh took for "done". It is, only when nothing is left for this worker:
+# the budget is reached, or the trials left are reserved by live workers (fresh heartbeat),
+# which stay until the end (`done_within_budget`). Otherwise the search is stuck: ASHA, for one,
+# keeps a broken trial in its rung with no objective, so a rung that needs it never fills and
+# no trial is promoted (orion/algo/hyperband.py). Then one line, exit 1.
+EXPERIMENT: list = []  # The experiment this worker runs, once `done_within_budget` has seen it.
+
+
+def idle_verdict() -> int:
+    """After LazyWorkers: 0 if nothing is left for this worker, else one line and 1."""
+    experiment = EXPERIMENT[0]
+    trials = experiment.fetch_trials(with_evc_tree=False)
+    completed = sum(trial.status == "completed" for trial in trials)
+    lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
+    running = [trial for trial in trials if trial.status == "reserved"
+               and trial.heartbeat is not None and trial.heartbeat > lost_before]
+    if completed >= experiment.max_trials:
+        print("No trial left for this worker: done.", flush=True)
+        return 0
+    if running:
+        print(f"No trial left for this worker; {len(running)} trial(s) still run in other workers, "
+              "which finish the search.", flush=True)
+        return 0
+    broken = [trial.id for trial in trials if trial.status == "broken"]
+    algorithm = next(iter(experiment.configuration["algorithm"]))
+    why = (f"{algorithm} suggests no more trials while {len(broken)} trial(s) are "
+           f"broken (ASHA and Hyperband wait for a broken trial's rung): fix their cause (their train.log), "
+           "then run a new experiment (ORION_EXPERIMENT=<new name>)" if broken else
+           "the algorithm suggests no more trials: see `python orion_tools.py summary`")
+    print(f"error: search {experiment.name} stopped at {completed} of {experiment.max_trials} completed trials, "
+          f"no trial to run for idle_timeout: {why}", file=sys.stderr, flush=True)
+    return 1
+
+
 def hunt(hunt_arguments: list[str]) -> int:
     """`orion hunt ARGUMENTS...` that runs exactly max_trials trials, whatever the number of workers.
 
@@ -309,20 +804,30 @@ def hunt(hunt_arguments: list[str]) -> int:
     Producer.produce = produce_within_budget
     Producer.observe = observe_patiently
     Experiment.is_done = property(done_within_budget)
-    TrialPacemaker._monitor_trial = monitor_trial_through_timeouts
-    Consumer.execute_process = execute_killed_as_interrupted
+    TrialPacemaker.run = beat
+    Legacy.acquire_algorithm_lock = algorithm_lock
+    Protected.handler = note_signal
+    Consumer.execute_process = run_trial
+    if orion.core.config.worker.heartbeat < MIN_HEARTBEAT:
+        print(f"error: ORION_HEARTBEAT={orion.core.config.worker.heartbeat} s is too short: a heartbeat must be able "
+              f"to wait out the database lock's lease ({DATABASE_LOCK_LEASE:.0f} s, orion_tools.py); use at least "
+              f"{MIN_HEARTBEAT}, e.g. job.sh's default, 30", file=sys.stderr, flush=True)
+        return 1
     # Oríon's own `orion.core.cli.main` builds the parser of every subcommand, and one of them
     # imports torch (3.8 s and ~400 MiB per worker; see `main`): only hunt's parser here.
     parser = OrionArgsParser()
     orion.core.cli.hunt.add_subparser(parser.get_subparsers())
     try:
-        return parser.execute(["hunt", *hunt_arguments]) or 0
+        status = parser.execute(["hunt", *hunt_arguments]) or 0
+    except DatabaseLockError as error:
+        stop_worker(str(error))
     except LazyWorkers:
-        # Nothing to run for worker.idle_timeout: ASHA waiting for a rung to fill. Success only if
-        # the budget is reached, which `job-verdict` checks in the database.
-        print("No trial came for this worker within its idle_timeout: it stops", flush=True)
-        record_outcome(None, "idle_timeout")
-        return 0
+        return idle_verdict()
+    except BaseException:
+        if not WORKER_STOPPED.is_set():
+            raise
+        # Oríon's runner, while it stops, may trip on what made us stop: said already.
+    return 1 if WORKER_STOPPED.is_set() else status
 
 
 # --- job-verdict: what a job ran, and its exit code ---------------------------------------------
@@ -342,10 +847,10 @@ def read_worker_records(folder: Path) -> list[dict]:
 
 
 def job_verdict(args) -> int:
-    """Says what this job's workers ran and how it ended; exit 1 if a trial broke or was killed, or
-    the search stopped short of its budget, or a worker failed (--hunt-status)."""
+    """Says what this job's workers ran and how it ended; exit 1 if a trial broke or was killed, or a
+    worker failed (--hunt-status: one that stopped while the search was stuck, among others)."""
     records = read_worker_records(Path(args.worker_records))
-    outcomes = collections.Counter(r.get("outcome") for r in records if r.get("trial"))
+    outcomes = collections.Counter(r.get("outcome") for r in records)
     ran = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
     print(f"This job ran {sum(outcomes.values())} trial(s) of experiment {args.experiment}"
           + (f": {ran}" if ran else ""))
@@ -373,13 +878,6 @@ def job_verdict(args) -> int:
               "resume in the next job or worker. If it keeps happening: sacct -j "
               f"{os.environ.get('SLURM_JOB_ID', '<job id>')} --format=JobID,State,MaxRSS", file=sys.stderr)
         verdict = 1
-    if any(r.get("outcome") == "idle_timeout" for r in records):
-        experiment, trials = open_experiment(args)
-        if not is_done(experiment, trials):
-            print(f"error: a worker of this job waited its idle_timeout for a trial, and the search is not done "
-                  f"({by_status(trials)}; budget {experiment.max_trials}): see `{db} uv run orion status -n "
-                  f"{args.experiment}`", file=sys.stderr)
-            verdict = 1
     if args.hunt_status != 0 and verdict == 0:
         print(f"error: a worker of this job failed (exit status {args.hunt_status}; see above)", file=sys.stderr)
         verdict = 1
@@ -552,7 +1050,7 @@ PARTIAL_DEPENDENCE_MIN_TRIALS = 5
 
 def write_png(figure, path: Path) -> None:
     """Writes the figure as PNG through kaleido, all at once (readers never see half a file)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path.with_name(f".{path.name}"))
     figure.write_image(str(temporary), format="png", width=figure.layout.width or 1000,
                        height=figure.layout.height or 600)
     os.replace(temporary, path)
@@ -607,7 +1105,7 @@ def report(args) -> int:
     lines += [f"  {name}" for name in [*written, "summary.txt"]]
     lines += [f"  {line}" for line in not_made]
     text = "\n".join(lines) + "\n"
-    temporary = output / f".summary.txt.{os.getpid()}.tmp"
+    temporary = Path(temporary_path(output / ".summary.txt"))
     temporary.write_text(text)
     os.replace(temporary, output / "summary.txt")
     print(text, end="")
@@ -670,7 +1168,7 @@ def check_database(args) -> int:
             return 1
     if database is None:
         return 0  # A new search.
-    temporary = backup_path.with_name(f"{backup_path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(backup_path)  # Two jobs with one pid (other nodes, containers) must not collide.
     shutil.copyfile(path, temporary)
     os.replace(temporary, backup_path)  # Several jobs may back up at once: each rename is whole.
     return 0
@@ -715,7 +1213,11 @@ def check_trial_arguments(main, argv: list[str]) -> None:
     one error line if not; else prints the file of main.py's data set module, which job.sh stages.
     """
     arguments, priors = split_priors(argv)
-    main.parse_args(arguments)  # argparse's own one-line error, exit 2.
+    why = parse_args_refusal(main, arguments)
+    if why:
+        print(f"error: main.py refuses the arguments after job.sh ({why}): correct them and submit again",
+              file=sys.stderr)
+        sys.exit(2)
     for name, prior in priors.items():
         try:
             [dimension] = SpaceBuilder().build({name.lstrip("-"): prior}).values()
@@ -723,16 +1225,50 @@ def check_trial_arguments(main, argv: list[str]) -> None:
             continue  # A malformed prior: check-experiment says why, in step 4.
         ends = dimension.interval() if dimension.type != "categorical" else dimension.categories
         for value in ends:
-            refused = io.StringIO()
-            try:
-                with contextlib.redirect_stderr(refused):
-                    main.parse_args([*arguments, f"{name}={value}"])
-            except SystemExit:
-                why = refused.getvalue().strip().removeprefix("main.py: error: ").removesuffix(" (see --help)")
+            why = parse_args_refusal(main, [*arguments, f"{name}={value}"])
+            if why and "unrecognized arguments" in why:
+                print(f"error: the prior {name}~'{prior}' in job.sh names no argument of main.py ({why}): correct "
+                      "its name in job.sh's priors, or add the argument to main.py's parse_args", file=sys.stderr)
+                sys.exit(2)
+            if why:
+                hint = (" (an integer argument needs a prior of whole numbers: add discrete=True)"
+                        if "invalid integer value" in why else "")
                 print(f"error: the prior {name}~'{prior}' in job.sh reaches {value}, which main.py refuses ({why}): "
-                      "keep its range within what main.py's parse_args accepts", file=sys.stderr)
+                      f"keep its range within what main.py's parse_args accepts{hint}", file=sys.stderr)
                 sys.exit(2)
     print(main.dataset.__file__)
+
+
+def parse_args_refusal(main, argv: list[str]) -> str | None:
+    """Why main.py's parse_args refuses these arguments, from its one error line (None: it accepts them)."""
+    refused = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused):
+            main.parse_args(argv)
+    except SystemExit as exit:
+        if exit.code in (0, None):  # --help.
+            return "--help: job.sh runs trials, it shows no help"
+        return refused.getvalue().strip().removeprefix("main.py: error: ").removesuffix(" (see --help)")
+    return None
+
+
+def stage_data(args) -> int:
+    """Stages the data set of main.py's data set module (--module FILE) in --destination: job.sh, step 2,
+    once per node. The module's `stage(destination, source)`, from $SOURCE_VARIABLE or its DEFAULT_SOURCE."""
+    spec = importlib.util.spec_from_file_location(Path(args.module).stem, args.module)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = Path(os.environ.get(module.SOURCE_VARIABLE) or module.DEFAULT_SOURCE)
+    try:
+        module.stage(Path(args.destination), source)
+    except (OSError, ValueError) as error:  # cifar10.DataError is a ValueError.
+        print(f"error: {error}" if isinstance(error, ValueError) else
+              f"error: staging {Path(args.module).name}'s data set from {source} in {args.destination} failed "
+              f"({error})", file=sys.stderr)
+        return 1
+    print(f"Staged {Path(args.module).name}'s data set from {source} ({module.SOURCE_VARIABLE}) in "
+          f"{args.destination} on {socket.gethostname()}", flush=True)
+    return 0
 
 
 def split_priors(trial_command: list[str]) -> tuple[list[str], dict[str, str]]:
@@ -856,6 +1392,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     command.add_argument("--experiment", required=True, help="the experiment's name")
     command.add_argument("--trials-dir", help="orion hunt's --working-dir (default: <database folder>/<experiment>)")
 
+    command = subcommands.add_parser("stage-data", help=stage_data.__doc__.split("\n")[0])
+    command.set_defaults(run=stage_data)
+    command.add_argument("--module", required=True, help="the data set module's file (main.py's `dataset`)")
+    command.add_argument("--destination", required=True, help="the node's local folder: $SLURM_TMPDIR/data")
+
     command = subcommands.add_parser("check-database", parents=[common], help=check_database.__doc__.split("\n")[0])
     command.set_defaults(run=check_database)
     command.add_argument("--experiment", help="the experiment whose completed trials the backup must not outnumber")
@@ -895,13 +1436,13 @@ def main(argv=None) -> int:
     # ASHA and random use numpy's). `None` here makes that import fail, as Oríon expects
     # where torch is not installed. Left alone where torch is already imported (the tests).
     sys.modules.setdefault("torch", None)
-    orion.core.io.database.pickleddb._create_lock = lock_with_lifetime
+    install_database_lock()
     if argv[:1] == ["hunt"]:  # argparse would take `orion hunt`'s options as its own.
         return hunt(argv[1:])
     args = parse_args(argv)
     try:
         return args.run(args)
-    except ReportError as error:  # No experiment to read: one line, no traceback.
+    except (ReportError, DatabaseLockError) as error:  # One line, no traceback.
         print(f"error: {error}", file=sys.stderr)
         return 1
 

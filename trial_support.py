@@ -197,9 +197,11 @@ class Trial:
 
     @property
     def optimizer_options(self) -> dict:
-        # fused: one kernel for the whole update (the step is launch-bound on a GPU); capturable:
-        # a CUDA graph replays the update with its step count kept on the GPU.
-        return dict(fused=self.device.type == "cuda", capturable=self.use_cuda_graph)
+        """fused: one kernel for the whole update (the step is launch-bound on a GPU; Adam, AdamW
+        and SGD have it); capturable, only with --cuda-graph: the graph replays the update with its
+        step count kept on the GPU (Adam and AdamW have it; for another optimizer, no --cuda-graph)."""
+        return {**({"fused": True} if self.device.type == "cuda" else {}),
+                **({"capturable": True} if self.use_cuda_graph else {})}
 
     @contextlib.contextmanager
     def failing_on_gpu_out_of_memory(self):
@@ -213,11 +215,22 @@ class Trial:
         """The data set module's `load(data_dir)`, checked, split 90/10 (fixed), on the device."""
         try:
             loaded = load(self.args.data_dir)
-            images, labels = torch.from_numpy(np.ascontiguousarray(loaded["images"])), loaded["labels"]
-            labels, classes = torch.from_numpy(np.asarray(labels, dtype=np.int64)), int(loaded["classes"])
+        except (OSError, ValueError) as error:  # cifar10.DataError is a ValueError.
+            fail(str(error))
+        if not isinstance(loaded, dict):
+            fail(f"the data set's load() returned a {type(loaded).__name__}: it must return a dict of images, "
+                 "labels, classes, mean and std (README, \"Make it yours\")")
+        try:
+            images = torch.from_numpy(np.ascontiguousarray(loaded["images"]))
+            labels = torch.from_numpy(np.asarray(loaded["labels"], dtype=np.int64))
+            classes = int(loaded["classes"])
             mean, std = tuple(map(float, loaded["mean"])), tuple(map(float, loaded["std"]))
-        except (OSError, ValueError, KeyError, TypeError) as error:  # cifar10.DataError is a ValueError.
-            fail(str(error) if not isinstance(error, KeyError) else f"the data set's load() returned no {error}")
+        except KeyError as error:
+            fail(f"the data set's load() returned no {error}: it must return a dict of images, labels, classes, "
+                 "mean and std (README, \"Make it yours\")")
+        except (TypeError, ValueError) as error:
+            fail(f"the data set's load() returned something main.py cannot use ({type(error).__name__}: {error}): "
+                 "images and labels as numpy arrays, classes a number, mean and std one number per channel")
         problem = data_problem(images, labels, classes, mean, std)
         if problem:
             fail(f"the data in {self.args.data_dir} {problem}")
@@ -257,6 +270,7 @@ class Trial:
         if args.compile and self.device.type != "cuda":
             logger.warning("--compile needs a GPU: training without it")
         step_model = torch.compile(model, mode=args.compile) if args.compile and self.device.type == "cuda" else model
+        check_model_output(model, data)
         step = functools.partial(train_step, step_model, optimizer)
         if self.use_cuda_graph:
             step = CudaGraphTrainStep(step, optimizer, args.batch_size, data.train_images, data.train_labels)
@@ -350,15 +364,40 @@ class Trial:
 def data_problem(images: torch.Tensor, labels: torch.Tensor, classes: int, mean, std) -> str | None:
     """What is wrong with a data set module's `load()` result, as the end of a sentence (None: nothing)."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        return (f"are {images.dtype} images of shape {tuple(images.shape)}: main.py wants uint8 images of shape "
-                "(N, channels, height, width)")
+        return (f"are {str(images.dtype).removeprefix('torch.')} images of shape {tuple(images.shape)}: main.py "
+                "wants uint8 images of shape (N, channels, height, width)")
     channels = images.shape[1]
-    if len(mean) != channels or len(std) != channels or min(std) <= 0:
-        return (f"have {channels} channel(s), but the data set's mean {mean} and std {std} are for {len(mean)}: "
-                "give one mean and one positive std per channel")
-    if labels.shape != (len(images),) or classes < 2 or (len(labels) and (labels.min() < 0 or labels.max() >= classes)):
-        return f"need {len(images)} labels in 0..{classes - 1} ({classes} classes), got {tuple(labels.shape)} labels"
+    if len(mean) != channels or len(std) != channels:
+        return (f"have {channels} channel(s) (shape {tuple(images.shape[1:])}), but the data set's mean {mean} and "
+                f"std {std} have {len(mean)} and {len(std)} values: give one mean and one std per channel "
+                "(images channels first)")
+    if min(std) <= 0:
+        return f"have a std of {min(std)} in the data set's std {std}: each channel's std must be positive"
+    if labels.shape != (len(images),):
+        return f"have {len(images)} images but labels of shape {tuple(labels.shape)}: one label per image"
+    if classes < 2 or (len(labels) and (labels.min() < 0 or labels.max() >= classes)):
+        return (f"have labels from {int(labels.min())} to {int(labels.max())}, but {classes} classes need labels in "
+                f"0..{classes - 1}")
     return None
+
+
+@torch.no_grad()
+def check_model_output(model, data: Data) -> None:
+    """The model takes two of the data's images and gives `data.classes` values each: else one error
+    line now, rather than a traceback in every trial (or, worse, a model that trains on a wrong
+    number of classes without a word). In eval mode: no dropout, BatchNorm's statistics untouched."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(data.normalize(data.train_images[:2]))
+    except RuntimeError as error:
+        fail(f"build_model's model cannot take the data's images of shape {tuple(data.train_images.shape[1:])} "
+             f"({' '.join(str(error).split())[:300]}): make its first layer fit them")
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (2, data.classes):
+        fail(f"build_model's model gives outputs of shape {tuple(logits.shape[1:])} per image, and the data set has "
+             f"{data.classes} classes: make its last layer give data.classes values")
 
 
 def steps_per_epoch(data: Data, args) -> int:

@@ -20,7 +20,7 @@ a problem):
 
 - completed; lost (not completed nor broken at the end: new, reserved, interrupted...); run twice
   (a trial id with more than one run; `run_twice_at_once` in the JSON: two runs of one id
-  overlapping); broken; lock timeouts (`Could not acquire lock for PickledDB`, the file lock, in
+  overlapping); broken; lock timeouts (`stayed locked for`, the file lock, in
   the workers' output; the JSON also counts `DatabaseTimeout`); algo lock timeouts (a worker
   that died of `LockAcquisitionTimeout`: it waited 60 s for the experiment's algorithm lock, a
   flag in the database that Oríon polls every second and takes after every trial, in
@@ -81,7 +81,7 @@ from orion.core.io.database.pickleddb import _create_lock
 
 STANDIN_TRIAL = common.REPO_ROOT / "tests" / "standin_trial.py"
 EXPERIMENT = "db-stress"
-LOCK_TIMEOUT_MESSAGE = "Could not acquire lock for PickledDB"
+LOCK_TIMEOUT_MESSAGE = "stayed locked for"  # orion_tools.py's one-line DatabaseTimeout.
 # The last line of the traceback of a worker that waited 60 s for the experiment's algorithm lock
 # (a flag in the database, polled every second; Oríon's `Producer.observe` after every trial,
 # not configurable) and died of it. (A worker that waits for it to *produce* a trial skips it.)

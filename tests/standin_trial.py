@@ -8,6 +8,8 @@ made-up record per epoch to DIR/metrics.jsonl (main.py's format), keeping the re
 there (a resumed trial, or an ASHA promotion that starts in a copy of its parent's folder),
 and reports 1 - the last epoch's validation accuracy.
 
+With --break-above LR it fails (exit 1, a broken trial) when --learning-rate is above LR.
+
 With --record FILE it appends one JSON line to FILE per run, once the objective is written:
 {"trial": $ORION_TRIAL_ID, "pid": the worker's pid (os.getppid(): Oríon's singleexecutor
 starts the trial from the worker process itself), "host", "start", "end" (time.time() at the
@@ -31,8 +33,11 @@ parser.add_argument("--sleep", type=float, default=0.0)
 parser.add_argument("--checkpoint-dir", type=Path)
 parser.add_argument("--epochs", type=int)
 parser.add_argument("--record", type=Path, help="append one JSON line per run to this file (see above)")
+parser.add_argument("--break-above", type=float, help="fail (exit 1: a broken trial) above this learning rate")
 args = parser.parse_args()
 time.sleep(args.sleep)
+if args.break_above is not None and args.learning_rate > args.break_above:
+    raise SystemExit(f"error: learning rate {args.learning_rate} above --break-above {args.break_above}")
 distance = abs(math.log10(args.learning_rate) + 3)  # Best at 1e-3.
 objective = distance
 

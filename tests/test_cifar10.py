@@ -123,11 +123,12 @@ def test_augment_crops_and_flips_on_the_device():
     assert not torch.equal(augmented, images)
 
 
-# --- Staging, as job.sh runs it on each node: python cifar10.py stage DEST -------------------------
+# --- Staging, as job.sh runs it on each node ---------------------------------------------------------
 
 
 def stage(destination, source, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "cifar10.py", "stage", str(destination)], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-W", "ignore", "orion_tools.py", "stage-data", "--module", "cifar10.py",
+                           "--destination", str(destination)], cwd=REPO_ROOT,
                           env=clean_env(CIFAR10_ARCHIVE=source, **env), capture_output=True, text=True, timeout=120)
 
 

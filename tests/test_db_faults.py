@@ -1,11 +1,17 @@
 """The cluster's faults around Oríon's database, with real `orion_tools.py hunt` workers.
 
 A worker SIGKILLed while it holds the database lock (flock, and a soft lock from this host and
-from another host), a database that stays locked while a trial runs, and a trial that the
-cluster kills: the search carries on, no trial is run twice, none is counted as broken.
+from another host), a holder of the lock stalled (SIGSTOP) past the lease, a database that stays
+locked while a trial runs, and a trial that the cluster kills: the search carries on, nothing is
+rolled back, no trial is run twice, none is counted as broken.
 """
 
+import collections
+import contextlib
 import datetime
+import json
+import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -20,9 +26,12 @@ from orion.core.io.database.pickleddb import _create_lock
 from orion.core.utils.exceptions import NoConfigurationError
 
 import orion_tools
-from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env, standin_hunt_command
+from conftest import REPO_ROOT, STANDIN_TRIAL, clean_env, read_trials, standin_hunt_command
 
 OBJECTIVE = "Objective (1 - validation accuracy)"  # The stand-in's line when a run ends.
+# orion_tools' soft-lock lease (ORION_TOOLS_LOCK_LEASE) in these tests, for every process on
+# one database: 3 s, not 90 s.
+LEASE = 3
 
 
 def start_worker(folder: Path, config: str, *trial_args, database: Path | None = None,
@@ -102,43 +111,210 @@ def test_a_worker_killed_holding_the_lock_stops_no_one(tmp_path, request, lock):
     database = folder / "orion_db.pkl"
     sigkill_while_holding_the_lock(database, other_host=lock.endswith("other host"))
     assert (folder / "orion_db.pkl.lock").exists() or lock == "flock"  # The marker is left behind.
-    worker = start_worker(tmp_path, budget_config(2), database=database)
+    worker = start_worker(tmp_path, budget_config(2), database=database, ORION_TOOLS_LOCK_LEASE=LEASE)
     # Bounded: Oríon's DatabaseTimeout would end the worker at DATABASE_LOCK_TIMEOUT.
     assert worker.wait(timeout=orion_tools.DATABASE_LOCK_TIMEOUT + 120) == 0
     assert [t.status for t in trials(database)] == ["completed"] * 2
 
 
 def test_filelock_alone_never_breaks_another_hosts_soft_lock(soft_dir):
-    """Why orion_tools gives soft locks a lifetime: without it, every worker waits for good."""
+    """Why orion_tools breaks a marker unchanged for a lease: without it, every worker waits for good."""
     sigkill_while_holding_the_lock(soft_dir / "orion_db.pkl", other_host=True)
     with pytest.raises(filelock.Timeout):
         filelock.SoftFileLock(soft_dir / "orion_db.pkl.lock").acquire(timeout=3)
 
 
-# --- The database locked while a trial runs (Oríon's DatabaseTimeout in the heartbeat) --------
+# --- The heartbeat of a running trial (issue 18, finding 2) --------------------------------------
+# Scaled down: ORION_HEARTBEAT=3, so a trial whose heartbeat is 15 s old counts as lost; the
+# lock waits give up after 3 s; the soft-lock lease (which a heartbeat must outlast) is 3 s.
+# Oríon 0.2.7 wrote the heartbeat every 60 s whatever ORION_HEARTBEAT said, and an error ended
+# its thread.
+HEARTBEAT = 3
 
-def test_a_database_locked_while_a_trial_runs_does_not_run_it_twice(tmp_path):
-    # A lock wait gives up after 3 s. Oríon writes a running trial's heartbeat every 60 s
-    # (hard-coded), and another worker takes it for lost once it is 5 x $ORION_HEARTBEAT = 65 s
-    # old: a heartbeat missed at 60 s because of the lock makes it look lost at 65 s.
-    config = budget_config(1, f"storage:\n  database:\n    type: pickleddb\n"
-                              f"    host: {tmp_path / 'orion_db.pkl'}\n    timeout: 3\n")
-    first = start_worker(tmp_path, config, "--sleep", "110", log_name="first.log", ORION_HEARTBEAT=13)
-    wait_for_status(tmp_path / "orion_db.pkl", "reserved")
-    # Timed from the reservation (its heartbeat), not from when this test saw it: on a busy
-    # machine the test sees it seconds late, and the lock must cover the heartbeat due at 60 s.
-    [trial] = trials(tmp_path / "orion_db.pkl")
-    reserved_at = trial.heartbeat.replace(tzinfo=datetime.timezone.utc).timestamp()
-    time.sleep(max(0.0, reserved_at + 50 - time.time()))
-    with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # flock here: another worker holding it.
-        time.sleep(max(0.0, reserved_at + 85 - time.time()))  # The heartbeat thread's waits time out.
-    # A second worker, now that the heartbeat is 85 s old without the retry: the trial would look lost.
-    second = start_worker(tmp_path, config, "--sleep", "110", log_name="second.log", ORION_HEARTBEAT=13)
+
+def heartbeat_config(tmp_path) -> str:
+    return budget_config(1, f"storage:\n  database:\n    type: pickleddb\n"
+                            f"    host: {tmp_path / 'orion_db.pkl'}\n    timeout: 3\n")
+
+
+def reserved_at(database: Path) -> float:
+    """When the one trial was reserved (its first heartbeat), in seconds since the epoch."""
+    wait_for_status(database, "reserved")
+    [trial] = trials(database)
+    return trial.heartbeat.replace(tzinfo=datetime.timezone.utc).timestamp()
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+@contextlib.contextmanager
+def unreadable(database: Path):
+    """The database file replaced by one that is no pickle (as a torn or foreign file), then put back."""
+    good = database.read_bytes()
+    (database.parent / "garbage").write_bytes(b"not a pickle")
+    os.replace(database.parent / "garbage", database)
+    try:
+        yield
+    finally:
+        (database.parent / "good").write_bytes(good)
+        os.replace(database.parent / "good", database)
+
+
+@pytest.mark.parametrize("fault", ["database locked", "database unreadable"])
+def test_a_late_heartbeat_does_not_make_a_live_trial_lost(tmp_path, fault):
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+    start = reserved_at(database)
+    sleep_until(start + 4)  # Timed from the reservation: the test may see it late on a busy machine.
+    with _create_lock(str(tmp_path / "orion_db.pkl.lock")) if fault == "database locked" else unreadable(database):
+        sleep_until(start + 10)  # Heartbeats due at 6 and 9 s fail (lock wait 3 s, or UnpicklingError).
+    # A second worker, once the trial would look lost without a heartbeat since the reservation.
+    sleep_until(start + 17)
+    second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     assert second.wait(timeout=300) == 0
     assert first.wait(timeout=300) == 0
-    logs = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
-    assert "heartbeat of trial" in logs  # The injected lock timeout did happen.
-    assert logs.count(OBJECTIVE) == 1
+    late = "DatabaseTimeout" if fault == "database locked" else "UnpicklingError"
+    assert f"late ({late}" in (tmp_path / "first.log").read_text()  # The fault did hit the heartbeat.
+    assert len(record.read_text().splitlines()) == 1  # Run once.
+    assert [t.status for t in trials(database)] == ["completed"]
+
+
+def test_a_heartbeat_that_cannot_be_written_stops_the_trial_before_it_counts_as_lost(tmp_path):
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+                         log_name="first.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+    start = reserved_at(database)
+    sleep_until(start + 4)
+    with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # Past 4 x ORION_HEARTBEAT after the last heartbeat.
+        assert first.wait(timeout=60) == 1  # Before the lock is free again: its trial stopped with it.
+    log = (tmp_path / "first.log").read_text()
+    [error] = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: the heartbeat of trial ") and "stopped it" in error
+    # The trial, lost now, runs again in the next worker, and only there.
+    second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", "--record", record,
+                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+    assert second.wait(timeout=300) == 0
+    assert len(record.read_text().splitlines()) == 1
+    assert [t.status for t in trials(database)] == ["completed"]
+
+
+def test_a_heartbeat_too_short_for_the_lease_is_refused(tmp_path):
+    """Every heartbeat fails while a dead worker's lock marker waits out its lease: 4 x
+    ORION_HEARTBEAT must outlast that, or each running trial would be stopped."""
+    worker = start_worker(tmp_path, budget_config(1), ORION_HEARTBEAT=orion_tools.MIN_HEARTBEAT - 1)
+    assert worker.wait(timeout=120) == 1
+    assert (tmp_path / "worker.log").read_text() == (
+        f"error: ORION_HEARTBEAT={orion_tools.MIN_HEARTBEAT - 1} s is too short: a heartbeat must be able to wait "
+        f"out the database lock's lease (90 s, orion_tools.py); use at least {orion_tools.MIN_HEARTBEAT}, "
+        "e.g. job.sh's default, 30\n")
+
+
+# --- A worker killed while it holds the algorithm lock (issue 18, finding 3) ---------------------
+
+HOLD_THE_ALGORITHM_LOCK = """
+import sys, time
+import orion_tools
+from orion.client import get_experiment
+if sys.argv[2:] == ["--when-told"]:
+    print("ready", flush=True)
+    sys.stdin.readline()
+experiment = get_experiment("faults", mode="w", storage=orion_tools.storage(sys.argv[1]))
+with experiment._experiment._storage.acquire_algorithm_lock(uid=experiment.id, timeout=10):  # Oríon's own.
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_an_algorithm_lock_left_by_a_killed_worker_is_taken_over(tmp_path):
+    database = tmp_path / "orion_db.pkl"
+    assert start_worker(tmp_path, budget_config(1), log_name="first.log").wait(timeout=300) == 0
+    holder = subprocess.Popen([sys.executable, "-W", "ignore", "-c", HOLD_THE_ALGORITHM_LOCK, str(database)],
+                              cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    [algo] = read_algo(database)
+    assert algo["locked"] == 1  # Left behind: Oríon never expires it.
+    # ALGORITHM_LOCK_STALE 3 s instead of 120 s; without it, the worker would wait 600 s.
+    worker = start_worker(tmp_path, budget_config(3), ORION_TOOLS_ALGORITHM_LOCK_STALE=3)
+    assert worker.wait(timeout=120) == 0
+    assert [t.status for t in trials(database)] == ["completed"] * 3
+    log = (tmp_path / "worker.log").read_text()
+    assert "warning: took over the algorithm lock of experiment faults" in log
+    assert read_algo(database)[0]["locked"] == 0
+
+
+
+def test_a_sigterm_while_waiting_for_the_algorithm_lock_is_not_held_back(tmp_path):
+    """Oríon holds back SIGTERM while it shows a result to the algorithm, lock wait included (up to
+    600 s): past job.sh's 120 s before the time limit. Now the worker stops at once, and the next
+    worker that suggests trials shows the result to the algorithm."""
+    database = tmp_path / "orion_db.pkl"
+    worker = start_worker(tmp_path, budget_config(2), "--sleep", "6", log_name="first.log")
+    holder = subprocess.Popen([sys.executable, "-W", "ignore", "-c", HOLD_THE_ALGORITHM_LOCK, str(database),
+                               "--when-told"], cwd=REPO_ROOT, env=clean_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "ready\n"
+    wait_for_status(database, "reserved")
+    [unseen] = [t["id"] for t in read_trials(database) if t["status"] == "reserved"]
+    holder.stdin.write("go\n")  # While the trial runs: the worker needs the lock only once it ends.
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.wait()
+    # Completed, then `observe`: waiting for the lock (120 s before it counts as stale).
+    wait_until(lambda: unseen in completed_ids(database), 60, "the trial completed")
+    time.sleep(1)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 130
+    assert "warning: signalled while waiting for the algorithm lock" in (tmp_path / "first.log").read_text()
+    # The trial whose result the first worker could not show: `unseen`, or, on a loaded machine where the
+    # holder took the lock only after `unseen` was observed, the next one, completed last.
+    [missed] = [t["id"] for t in read_trials(database) if t["status"] == "completed"
+                and t["end_time"] == max(u["end_time"] for u in read_trials(database) if u["status"] == "completed")]
+    second = start_worker(tmp_path, budget_config(3), log_name="second.log", ORION_TOOLS_ALGORITHM_LOCK_STALE=3)
+    assert second.wait(timeout=120) == 0
+    assert f"The algorithm sees now the result of trial(s) {missed}, " in (tmp_path / "second.log").read_text()
+    assert [t["status"] for t in read_trials(database)] == ["completed"] * 3
+
+
+def read_algo(database: Path) -> list[dict]:
+    with open(database, "rb") as file:
+        return pickle.load(file)._db["algo"].find({})
+
+
+# --- The end of a search (issue 18, finding 4) ---------------------------------------------------
+
+def trial_process_of(worker: subprocess.Popen):
+    """The stand-in trial that the worker runs (None: none yet)."""
+    for child in psutil.Process(worker.pid).children(recursive=True):
+        try:
+            if str(STANDIN_TRIAL) in child.cmdline():
+                return child
+        except psutil.Error:  # A short-lived child of the worker (Oríon runs git) that just ended.
+            pass
+    return None
+
+
+def test_a_worker_killed_with_its_trial_at_the_end_leaves_no_trial_behind(tmp_path):
+    """Budget 2, 2 workers, one SIGKILLed with its trial: the other stays, and resumes that trial
+    once it counts as lost (ORION_HEARTBEAT=2: after 10 s), instead of leaving it reserved."""
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    workers = [start_worker(tmp_path, budget_config(2), "--sleep", "6", "--record", record,
+                            log_name=f"worker{i}.log", ORION_HEARTBEAT=2,
+                            ORION_TOOLS_LOCK_LEASE=LEASE) for i in range(2)]
+    wait_until(lambda: all(trial_process_of(w) for w in workers), 120, "both workers run a trial")
+    killed, survivor = workers
+    trial_process = trial_process_of(killed)
+    killed.kill()
+    trial_process.kill()
+    assert survivor.wait(timeout=120) == 0
+    assert [t.status for t in trials(database)] == ["completed"] * 2
+    runs = collections.Counter(json.loads(line)["trial"] for line in record.read_text().splitlines())
+    assert sorted(runs.values()) == [1, 1]  # The killed run never finished; its trial ran once more.
 
 
 # --- A trial killed by the cluster -------------------------------------------------------------
@@ -181,3 +357,75 @@ def test_a_killed_trial_says_so(killed_trial):
 def test_a_killed_trial_is_run_again_by_the_next_worker(killed_trial):
     _, after = killed_trial
     assert after["statuses"] == ["completed"]
+
+
+# --- A holder of the lock stalled (SIGSTOP) past the lease, then resumed (issue 18, finding 1) --
+
+# Takes the database lock as the workers do, reads the database, stops itself (as Slurm's
+# suspend, an NFS stall or swapping would), and once resumed leaves the block, which writes back
+# the copy it read before the stall.
+STALL_WHILE_HOLDING = """
+import os, signal, sys
+import orion_tools
+orion_tools.install_database_lock()
+from orion.core.io.database.pickleddb import PickledDB
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    with PickledDB(host=sys.argv[1], timeout=60).locked_database():
+        print("loaded", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+except orion_tools.DatabaseLockError as error:
+    print(f"error: {error}", flush=True)
+    sys.exit(1)
+print("wrote back", flush=True)
+"""
+
+
+def completed_ids(database: Path) -> list[str]:
+    return sorted(t["id"] for t in read_trials(database) if t["status"] == "completed")
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("lock", ["soft lock", "flock"])
+def test_a_lock_holder_stalled_past_the_lease_rolls_nothing_back(tmp_path, request, lock):
+    folder = request.getfixturevalue("soft_dir") if lock == "soft lock" else tmp_path
+    database, record = folder / "orion_db.pkl", tmp_path / "runs.jsonl"
+    worker = start_worker(tmp_path, budget_config(6), "--sleep", "1", "--record", record,
+                          database=database, ORION_TOOLS_LOCK_LEASE=LEASE)
+    holder = subprocess.Popen([sys.executable, "-W", "ignore", "-c", STALL_WHILE_HOLDING, str(database)],
+                              cwd=REPO_ROOT, env=clean_env(ORION_TOOLS_LOCK_LEASE=LEASE), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    request.addfinalizer(lambda: holder.kill())  # Never left stopped.
+    assert holder.stdout.readline() == "ready\n"
+    wait_until(lambda: database.exists() and len(completed_ids(database)) >= 1, 120, "a first trial completed")
+    holder.stdin.write("go\n")
+    holder.stdin.flush()
+    assert holder.stdout.readline() == "loaded\n"
+    wait_until(lambda: psutil.Process(holder.pid).status() == psutil.STATUS_STOPPED, 10, "the holder stopped")
+    before = completed_ids(database)
+    if lock == "soft lock":  # The worker takes the lock over once the lease has passed, and goes on.
+        wait_until(lambda: len(completed_ids(database)) >= len(before) + 2, 120, "two trials more, holder stalled")
+    else:  # The kernel keeps a live holder's flock: the worker waits.
+        time.sleep(2 * LEASE)
+        assert completed_ids(database) == before
+    holder.send_signal(signal.SIGCONT)
+    output, _ = holder.communicate(timeout=60)
+    assert worker.wait(timeout=300) == 0
+    completed = completed_ids(database)  # Readable, whole.
+    assert set(before) <= set(completed) and len(completed) == 6  # Nothing rolled back.
+    runs = collections.Counter(json.loads(line)["trial"] for line in record.read_text().splitlines())
+    assert sorted(runs.values()) == [1] * 6  # No trial ran twice.
+    assert not list(folder.glob("*.tmp"))
+    if lock == "soft lock":  # It found its lock taken over: it wrote nothing, and said so in one line.
+        assert holder.returncode == 1
+        assert output.startswith("error: ") and "took the lock over" in output and output.count("\n") == 1
+    else:
+        assert holder.returncode == 0 and output == "wrote back\n"

@@ -268,7 +268,8 @@ def test_job_sh_is_shellcheck_clean():
 def test_unknown_main_py_argument_is_refused_before_any_trial(job_env):
     result = bash_job(job_env, "--fooo", "1")
     assert result.returncode == 2
-    assert "main.py: error: unrecognized arguments: --fooo 1" in result.stderr
+    assert ("error: main.py refuses the arguments after job.sh (unrecognized arguments: --fooo 1): correct them "
+            "and submit again\n") in result.stderr
     assert not Path(database(job_env, dry_run=True)).exists()  # No trial, no experiment.
 
 
@@ -287,7 +288,7 @@ def test_epochs_after_job_sh_with_asha_is_refused(job_env):
 def test_heartbeat_that_would_run_live_trials_twice_is_refused(job_env):
     result = bash_job(job_env, ORION_HEARTBEAT=10)
     assert result.returncode == 1
-    assert "ORION_HEARTBEAT=10: use a whole number of seconds above 12" in result.stderr
+    assert "ORION_HEARTBEAT=10: use a whole number of seconds of at least 23" in result.stderr
 
 
 def test_budget_that_is_not_a_number_is_refused(job_env):

@@ -53,10 +53,13 @@ def test_normalization_uses_the_data_sets_statistics(data_dir):
 
 
 @pytest.mark.parametrize("change, expected", [
-    (lambda d: {**d, "images": d["images"].astype("float32")}, "are torch.float32 images of shape"),
-    (lambda d: {**d, "mean": (0.0,) * (len(d["mean"]) + 1)}, "channel(s), but the data set's mean"),
-    (lambda d: {**d, "labels": d["labels"] + d["classes"]}, f"labels in 0..{{classes}}"),
+    (lambda d: {**d, "images": d["images"].astype("float32")}, "are float32 images of shape"),
+    (lambda d: {**d, "images": d["images"].transpose(0, 2, 3, 1)}, "channel(s) (shape"),  # Channels last.
+    (lambda d: {**d, "mean": (0.0,) * (len(d["mean"]) + 1)}, "channel(s) (shape"),
+    (lambda d: {**d, "std": (0.0,) * len(d["std"])}, "have a std of 0.0 in the data set's std"),
+    (lambda d: {**d, "labels": d["labels"] + d["classes"]}, "classes need labels in 0..{classes}"),
     (lambda d: {k: v for k, v in d.items() if k != "classes"}, "the data set's load() returned no 'classes'"),
+    (lambda d: tuple(d.values()), "the data set's load() returned a tuple: it must return a dict"),
 ])
 def test_what_the_data_set_returns_is_checked_in_one_line(data_dir, monkeypatch, capsys, change, expected):
     loaded = main.dataset.load(data_dir)
@@ -226,3 +229,22 @@ def test_a_crash_is_readable_in_a_slurm_output_file(data_dir, tmp_path):
     assert f"RuntimeError: {message}\n" in result.stdout
     assert "Traceback (most recent call last):\n" in result.stdout
     assert f"RuntimeError: {message}\n" in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(data.train_images[0].numel(), data.classes + 1))",
+     "error: build_model's model gives outputs of shape ({classes_plus_one},) per image, and the data set has "
+     "{classes} classes: make its last layer give data.classes values"),
+    ("torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(7, data.classes))",
+     "error: build_model's model cannot take the data's images of shape"),
+])
+def test_a_model_that_does_not_fit_the_data_is_one_error_line(data_dir, tmp_path, model, expected):
+    program = ("import torch, main\n"
+               f"main.build_model = lambda args, data: {model}\n"
+               "main.main()\n")
+    result = subprocess.run([sys.executable, "-c", program, "--data-dir", str(data_dir), "--epochs", "1"],
+                            env=clean_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    classes = load_data(data_dir).classes
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr  # One line: no traceback.
+    assert result.stderr.startswith(expected.format(classes=classes, classes_plus_one=classes + 1))

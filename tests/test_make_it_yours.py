@@ -59,8 +59,9 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
     sample = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {readme_sample_command()}"],
                             cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert sample.returncode == 0, sample.stderr
-    staged = subprocess.run([sys.executable, f"{name}.py", "stage", str(folder / "data")], cwd=project, env=env,
-                            capture_output=True, text=True, timeout=120)
+    staged = subprocess.run([sys.executable, "orion_tools.py", "stage-data", "--module", f"{name}.py",
+                             "--destination", str(folder / "data")], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert staged.returncode == 0, staged.stderr
     return project, env
 
@@ -111,10 +112,11 @@ def test_resume_after_sigterm_reproduces_the_run(project, uninterrupted, tmp_pat
 
 def test_dry_run_of_the_search_searches_the_new_hyperparameter(project):
     folder, env = project
-    result = subprocess.run(["bash", "job.sh", "--epochs", "1"], cwd=folder, env={**env, "ORION_MAX_TRIALS": "2"},
+    result = subprocess.run(["bash", "job.sh", "--epochs", "1"], cwd=folder,
+                            env={**env, "ORION_EXPERIMENT": "digits", "ORION_MAX_TRIALS": "2"},
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    trials = read_trials(Path(env["SCRATCH"]) / "orion-example-dry-run" / "orion_db.pkl", "orion-example")
+    trials = read_trials(Path(env["SCRATCH"]) / "orion-example-dry-run" / "orion_db.pkl", "digits")
     assert [t["status"] for t in trials] == ["completed", "completed"]
     for trial in trials:
         [dropout] = [p["value"] for p in trial["params"] if p["name"] == "/dropout"]

@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -251,6 +252,65 @@ def test_a_worker_never_imports_torch(tmp_path):
     assert not [m for m in maps if "libtorch" in m]
 
 
+# --- ASHA with broken trials, LazyWorkers (issue 18, finding 5) ---------------------------------------------
+
+ASHA_CONFIG = """experiment:
+  algorithm:
+    asha:
+      seed: 1
+      num_rungs: 3
+      num_brackets: 1
+  max_trials: 8
+  max_broken: 10
+worker:
+  executor: singleexecutor
+  idle_timeout: 10
+"""
+
+
+def test_asha_with_broken_trials_reaches_its_budget(tmp_path):
+    """Trials above a learning rate of 0.01 break. ASHA kept them in their rung with no objective: the
+    rung never filled, nothing more was suggested, every worker idled into LazyWorkers (which job.sh
+    took for success) at 3 of 8 trials. Now ASHA sees them as the worst results."""
+    (tmp_path / "orion-config.yml").write_text(ASHA_CONFIG)
+    command = [*standin_hunt_command("asha", tmp_path / "orion-config.yml", tmp_path / "trials", "--sleep", 1,
+                                     "--break-above", 0.01), "--epochs~fidelity(1, 4, base=2)"]
+    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl")
+    workers = [subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+    trials = get_experiment("asha", storage=orion_tools.storage(str(tmp_path / "orion_db.pkl"))).fetch_trials()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert sum(t.status == "completed" for t in trials) == 8
+    assert any(t.status == "broken" for t in trials)  # What this test is about.
+    assert max(t.params["/epochs"] for t in trials if t.status == "completed") == 4  # Promoted to the top rung.
+
+
+@pytest.mark.parametrize("other_trial", ["broken", "reserved by a live worker"])
+def test_an_idle_worker_fails_only_when_the_search_is_stuck(experiment, capsys, other_trial):
+    """After Oríon's LazyWorkers (idle for idle_timeout): exit 0 only if the trials left run elsewhere."""
+    experiment.insert(params={"x": 0.5}, results=[{"name": "objective", "type": "objective", "value": 0.3}])
+    trial = experiment.insert(params={"x": 0.25})
+    if other_trial == "broken":
+        experiment.storage.set_trial_status(trial, status="broken")
+    else:
+        experiment.storage.set_trial_status(trial, status="reserved")
+    experiment._experiment.max_trials = 3
+    orion_tools.EXPERIMENT[:] = [experiment._experiment]
+    code = orion_tools.idle_verdict()
+    out, err = capsys.readouterr()
+    if other_trial == "broken":
+        assert code == 1
+        assert err == ("error: search exp stopped at 1 of 3 completed trials, no trial to run for idle_timeout: random "
+                       "suggests no more trials while 1 trial(s) are broken (ASHA and Hyperband wait for a broken "
+                       "trial's rung): fix their cause (their train.log), then run a new experiment "
+                       "(ORION_EXPERIMENT=<new name>)\n")
+    else:
+        assert code == 0
+        assert out == ("No trial left for this worker; 1 trial(s) still run in other workers, which finish the "
+                       "search.\n")
+
+
 # --- check-database: an emptied database is refused, a readable one backed up ----------------
 
 
@@ -312,3 +372,47 @@ def test_an_emptied_database_that_orion_rewrote_keeps_the_backup(emptied_then_op
 def test_trials_removed_on_purpose_pass_once_the_backup_is_deleted(emptied_then_opened):
     os.remove(f"{emptied_then_opened}.bak")
     assert check_database(emptied_then_opened, "--experiment", "exp").returncode == 0
+
+
+def test_simultaneous_checks_with_the_same_pid_do_not_collide(tmp_path):
+    """Ten jobs back up at once, each with pid 1 (its own pid namespace, as in containers, or as
+    on ten nodes): each one's temporary copy must have a name of its own (issue 18, finding 6)."""
+    database = tmp_path / "orion_db.pkl"
+    with open(database, "wb") as file:  # Large enough that the copies overlap.
+        pickle.dump({"blob": os.urandom(20 << 20)}, file)
+    checks = [subprocess.Popen(["unshare", "--pid", "--fork", sys.executable, "-W", "ignore", "-c",
+                                "import os, sys, orion_tools; assert os.getpid() == 1; "
+                                "sys.exit(orion_tools.main(sys.argv[1:]))",
+                                "check-database", "--database", str(database)],
+                               cwd=REPO_ROOT, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(10)]
+    outputs = [check.communicate(timeout=300)[0] for check in checks]
+    assert [check.returncode for check in checks] == [0] * 10, outputs
+    assert open(f"{database}.bak", "rb").read() == open(database, "rb").read()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# --- The algorithm lock (issue 18, finding 3) ----------------------------------------------------
+
+
+def test_an_algorithm_lock_that_stays_taken_names_orion_db_release(experiment, database):
+    storage = experiment._experiment._storage
+    storage._db.write("algo", {"locked": 1}, query={"experiment": experiment.id})  # Taken, never released.
+    with pytest.raises(orion_tools.AlgorithmLockTimeout) as raised:
+        with orion_tools.algorithm_lock(storage, experiment=experiment._experiment, timeout=1, retry_interval=0.2):
+            pass
+    assert str(raised.value) == (f"the algorithm lock of experiment exp stayed taken for 1 s: if no worker of it "
+                                 f"runs, release it with: ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS={database} "
+                                 "uv run orion db release exp")
+
+
+def test_an_algorithm_lock_taken_over_meanwhile_keeps_its_new_holders_state(experiment):
+    storage = experiment._experiment._storage
+    with pytest.raises(orion_tools.DatabaseLockLost):
+        with orion_tools.algorithm_lock(storage, experiment=experiment._experiment, timeout=1) as locked:
+            # Another worker takes it over (as `algorithm_lock` does once it is stale) and saves its state.
+            storage._db.write("algo", {"heartbeat": datetime.datetime.utcnow(), "state": b"theirs"},
+                              query={"experiment": experiment.id})
+            locked.set_state({"mine": 1})
+    [algo] = storage._db.read("algo", {"experiment": experiment.id})
+    assert algo["locked"] == 1 and algo["state"] == b"theirs"
