@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import filelock
@@ -87,6 +88,18 @@ def run_main(*args, env=None, timeout=600, **popen_kwargs) -> subprocess.Complet
         env=env if env is not None else clean_env(),
         capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, **popen_kwargs,
     )
+
+
+def wait_for(predicate, timeout, what, process=None):
+    """Polls `predicate`; fails after `timeout` s, or as soon as `process` (if any) ends."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{process.args} ended ({process.returncode}) before {what}: "
+                                 f"{process.stdout.read()}{process.stderr.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
 
 
 def read_metrics(trial_dir: Path) -> list[dict]:
@@ -213,19 +226,3 @@ def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
     _, stderr = sbatch.communicate()
     outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     return sbatch.returncode, stderr + outputs
-
-
-# --- Running side by side (pytest-xdist, `-n` in pyproject.toml) -------------------------------
-
-
-@pytest.hookimpl(tryfirst=True)  # Before xdist's own, which reads the groups.
-def pytest_collection_modifyitems(items):
-    """Keeps the tests that share a module-scoped fixture (an ASHA search, a dry run, a reference
-    run...) in one worker, which then builds it once; every other test goes to whichever worker
-    is free (`--dist loadgroup`). The tests mostly wait (Slurm, Oríon's polling, child processes),
-    so they run side by side, and the real-Slurm ones share one cluster (`slurm_env`)."""
-    for item in items:
-        definitions = getattr(item, "_fixtureinfo", None)
-        shared = definitions and any(defs[-1].scope == "module" for defs in definitions.name2fixturedefs.values())
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

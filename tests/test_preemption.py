@@ -16,22 +16,10 @@ import torch
 import main
 import trial_support
 
-from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, database, read_metrics, read_trials,
-                      run_main, submit, trials_dir)
+from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, read_metrics, read_trials, run_main,
+                      wait_for)
 # The sample (450 training images for CIFAR-10) in batches of 32: a few seconds per epoch on this CPU.
 TRAIN_ARGS = ["--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3"]
-
-
-def wait_for(predicate, timeout, what, process=None):
-    """Polls `predicate`; fails after `timeout` s, or as soon as `process` (if any) ends."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process is not None and process.poll() is not None:
-            raise AssertionError(f"{process.args} ended ({process.returncode}) before {what}: "
-                                 f"{process.stdout.read()}{process.stderr.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def log_text(path: Path) -> str:
@@ -189,62 +177,6 @@ def test_trial_of_a_killed_worker_is_finished_by_another(data_dir, tmp_path):
     trials = read_trials(tmp_path / "orion.pkl")
     assert [t["status"] for t in trials] == ["completed"]
     assert "Resuming training at epoch 1" in trial_log(tmp_path)
-
-
-# --- On a real Slurm ---------------------------------------------------------------------
-
-
-JOB_ARGS = ["--epochs", "2", "--batch-size", "32"]  # job.sh searches the learning rate itself.
-
-
-def submit_in_background(slurm_env, job_env, tmp_path, *args, **extra_env):
-    """`sbatch --wait` in the background; returns (the Popen, the job id)."""
-    sbatch = submit(slurm_env, job_env, tmp_path, *args, **extra_env)
-    return sbatch, sbatch.stdout.readline().split()[-1]  # "Submitted batch job N"
-
-
-def trial_logs(job_env) -> list[str]:
-    return [p.read_text() for p in trials_dir(job_env).glob("*/train.log")]
-
-
-def checkpoints(job_env) -> list[Path]:
-    return list(trials_dir(job_env).glob("*/checkpoint.pt"))
-
-
-def test_requeued_array_resumes_its_trials(slurm_env, job_env, tmp_path):
-    sbatch, job_id = submit_in_background(
-        slurm_env, job_env, tmp_path, "--array=0-1", "job.sh", *JOB_ARGS,
-        ORION_MAX_TRIALS=2,
-    )
-    wait_for(lambda: len(checkpoints(job_env)) == 2, 600, "both trials' first checkpoint", sbatch)
-    requeue = subprocess.run(["scontrol", "requeue", job_id], env=slurm_env, capture_output=True, text=True)
-    assert requeue.returncode == 0, requeue.stderr
-    _, stderr = sbatch.communicate(timeout=900)
-    assert sbatch.returncode == 0, stderr
-
-    statuses = [t["status"] for t in read_trials(database(job_env), "orion-example")]
-    assert sorted(statuses) == ["completed", "completed"], statuses
-    logs = trial_logs(job_env)
-    assert len(logs) == 2 and all("Resuming training at epoch 1" in log for log in logs), logs
-    assert all(log.count("Epoch 0: Val loss") == 1 for log in logs)  # Not retrained from scratch.
-
-
-def test_time_limit_signal_checkpoints_and_requeues(slurm_env, job_env, tmp_path):
-    sbatch, job_id = submit_in_background(slurm_env, job_env, tmp_path, "job.sh", *JOB_ARGS,
-                                          ORION_MAX_TRIALS=1)
-    wait_for(lambda: len(checkpoints(job_env)) == 1, 600, "the first checkpoint", sbatch)
-    # What --signal=B:USR1@120 does 120 s before the time limit: signal the batch shell only.
-    signal_batch = subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env,
-                                  capture_output=True, text=True)
-    assert signal_batch.returncode == 0, signal_batch.stderr
-    _, stderr = sbatch.communicate(timeout=900)
-    assert sbatch.returncode == 0, stderr
-
-    output = "".join(p.read_text() for p in tmp_path.glob("slurm-*.out"))
-    assert f"Time limit near: trials checkpointed; requeueing job {job_id}" in output
-    assert [t["status"] for t in read_trials(database(job_env), "orion-example")] == ["completed"]
-    [log] = trial_logs(job_env)
-    assert re.search(r"saved checkpoint at epoch 1, step \d+", log) and "Resuming training at epoch 1" in log
 
 
 def test_promotion_to_more_epochs_equals_training_straight_there(data_dir, tmp_path, uninterrupted):
