@@ -5,7 +5,8 @@ import re
 import shlex
 import subprocess
 
-from conftest import REPO_ROOT, database, job_environment, read_trials, readme_commands, sbatch_wait, trials_dir
+from conftest import (REPO_ROOT, database, job_environment, make_job_env, read_trials, readme_commands, sbatch_wait,
+                      trials_dir)
 
 # --- On a real Slurm ---------------------------------------------------------------------
 
