@@ -716,7 +716,7 @@ def iso(moment) -> str | None:
 def write_whole(path: Path, text: str) -> None:
     """Writes `path` through a temporary name of its own, then renames it: a reader, or another
     worker, never sees half of it."""
-    temporary = temporary_path(path)
+    temporary = temporary_path(path.with_name(f".{path.name}"))  # Hidden: `ls` shows whole files only.
     Path(temporary).write_text(text)
     os.replace(temporary, path)
 
@@ -1105,9 +1105,7 @@ def report(args) -> int:
     lines += [f"  {name}" for name in [*written, "summary.txt"]]
     lines += [f"  {line}" for line in not_made]
     text = "\n".join(lines) + "\n"
-    temporary = Path(temporary_path(output / ".summary.txt"))
-    temporary.write_text(text)
-    os.replace(temporary, output / "summary.txt")
+    write_whole(output / "summary.txt", text)
     print(text, end="")
     if failed:
         print("error: some plots of the report failed (see above)", file=sys.stderr)
