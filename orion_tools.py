@@ -38,12 +38,16 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import yaml
 
+import orion.algo.base.registry
 import orion.core
 import orion.core.cli.hunt
+import orion.core.worker.algo_wrappers.algo_wrapper
+import orion.core.worker.algo_wrappers.insist_suggest
 import orion.core.io.database.pickleddb
 from filelock import LeaseSettingsMismatch, SoftFileLease, SoftFileLock, Timeout
 from orion.algo.hyperband import Hyperband
@@ -287,6 +291,20 @@ def temporary_path(path) -> str:
     return f"{path}.{HOST}.{os.getpid()}.{threading.get_native_id()}.{secrets.token_hex(4)}.tmp"
 
 
+# ORION_TOOLS_LOCK_TRACE=FILE: each hold of the database lock and of the algorithm lock appends
+# one JSON line to FILE (benchmarks/db_stress.py reads them: how long workers wait and hold).
+LOCK_TRACE = os.environ.get("ORION_TOOLS_LOCK_TRACE")
+
+
+def trace_lock(kind: str, waited: float, held: float) -> None:
+    if LOCK_TRACE:
+        line = json.dumps({"lock": kind, "pid": os.getpid(), "waited": round(waited, 4), "held": round(held, 4),
+                           "end": round(time.time(), 3)}) + "\n"
+        with contextlib.suppress(OSError):  # One write to an O_APPEND file: lines never interleave.
+            with open(LOCK_TRACE, "a") as file:
+                file.write(line)
+
+
 @contextlib.contextmanager
 def fenced_locked_database(self, write=True):
     """Oríon's `PickledDB.locked_database`, with database_lock() and a fenced write of its own name."""
@@ -294,6 +312,7 @@ def fenced_locked_database(self, write=True):
     # A heartbeat waits no longer than its deadline (`beat`).
     until = getattr(LOCK_WAIT, "until", None)
     timeout = self.timeout if until is None else max(0.0, min(self.timeout, until - time.monotonic()))
+    asked = time.monotonic()
     try:
         lock.acquire(timeout=timeout)
     except Timeout as error:
@@ -301,6 +320,7 @@ def fenced_locked_database(self, write=True):
         raise DatabaseTimeout(f"the Oríon database {self.host} stayed locked for {timeout:.1f} s: too many "
                               "workers on one database, or a stalled file server? (README, \"Many workers on one "
                               "database\")") from error
+    taken = time.monotonic()
     try:
         database = self._get_database()
         yield database
@@ -317,6 +337,7 @@ def fenced_locked_database(self, write=True):
                 raise
     finally:
         lock.release()
+        trace_lock("database", taken - asked, time.monotonic() - taken)
 
 
 def install_database_lock() -> None:
@@ -409,8 +430,8 @@ def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> in
                   and not algorithm.has_observed(trial)]
         if missed:
             algorithm.observe(as_the_algorithm_sees_them(algorithm, missed))
-            print(f"The algorithm sees now the result of trial(s) {', '.join(t.id for t in missed)}, which it had "
-                  "missed", flush=True)
+            shown = ", ".join(t.id for t in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+            print(f"The algorithm sees now the result of trial(s) {shown}, which it had missed", flush=True)
         # Counted under the lock: no other worker produces meanwhile.
         left = trials_left(self.experiment, trials)
         for trial in algorithm.suggest(min(pool_size, left)) if left > 0 else []:
@@ -538,6 +559,28 @@ def observe_patiently(self, trial) -> None:
 ALGORITHM_LOCK_STALE = float(os.environ.get("ORION_TOOLS_ALGORITHM_LOCK_STALE", 120))  # s
 
 
+# The algorithm lock serializes the search: while one worker holds it, no other suggests or
+# observes. With TPE it was held 1.0 s per suggestion at 500 trials and 3.4 s at 2,000 (observe
+# about half), most of it in `copy.deepcopy` of every trial the algorithm has seen, two or three
+# times per layer, in Oríon's state round trip (its algorithm wrappers and registry copy what the
+# layer below has just copied). The state is pickled into the database at the end of each hold
+# anyway, so it is all picklable: a pickle round trip makes the same deep copy (same values, same
+# sharing inside one copy) several times faster. benchmarks/tpe_lock.py measures the holds by
+# experiment size, with Oríon's copies and with these; tests/test_orion_tools.py checks that a
+# TPE search suggests exactly the same trials either way.
+def pickled_copy(value):
+    """`copy.deepcopy` of a picklable value, by a pickle round trip."""
+    return pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+
+
+def install_fast_algorithm_copies() -> None:
+    """Oríon's algorithm registry and wrappers copy their state with `pickled_copy`."""
+    fast_copy = types.SimpleNamespace(copy=copy.copy, deepcopy=pickled_copy)
+    for module in (orion.algo.base.registry, orion.core.worker.algo_wrappers.algo_wrapper,
+                   orion.core.worker.algo_wrappers.insist_suggest):
+        module.copy = fast_copy
+
+
 class AlgorithmLockTimeout(DatabaseLockError):
     """The algorithm lock stayed taken for ALGORITHM_LOCK_TIMEOUT: one line, naming `orion db release`."""
 
@@ -547,7 +590,8 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
     """Oríon's `Legacy.acquire_algorithm_lock`, which takes over a stale lock and fences its release."""
     uid = get_uid(experiment, uid)
     name = getattr(experiment, "name", uid)
-    deadline = time.monotonic() + timeout
+    asked = time.monotonic()
+    deadline = asked + timeout
     seen = None  # (the holder's heartbeat, when first seen)
     while True:
         mine = datetime.datetime.utcnow()
@@ -576,6 +620,7 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
                 f"runs, release it with: ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS={self._db.host} "
                 f"uv run orion db release {name}")
         time.sleep(retry_interval)
+    taken = time.monotonic()
     locked = LockedAlgorithmState(
         state=pickle.loads(document["state"]) if document["state"] is not None else None,
         configuration=document["configuration"], locked=True)
@@ -589,8 +634,10 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
         if locked.state is not None:
             new_data["state"] = pickle.dumps(locked.state)
         # Only if it is still ours: a lock taken over meanwhile keeps its new holder's state.
-        if self._db.read_and_write("algo", query=dict(experiment=uid, locked=1, heartbeat=mine),
-                                   data=new_data) is None:
+        released = self._db.read_and_write("algo", query=dict(experiment=uid, locked=1, heartbeat=mine),
+                                           data=new_data)
+        trace_lock("algorithm", taken - asked, time.monotonic() - taken)
+        if released is None:
             raise DatabaseLockLost(
                 f"this worker held the algorithm lock of experiment {name} so long (stalled?) that another took "
                 f"it over: it saved nothing and stops; the other workers go on")
@@ -806,6 +853,7 @@ def hunt(hunt_arguments: list[str]) -> int:
     Experiment.is_done = property(done_within_budget)
     TrialPacemaker.run = beat
     Legacy.acquire_algorithm_lock = algorithm_lock
+    install_fast_algorithm_copies()
     Protected.handler = note_signal
     Consumer.execute_process = run_trial
     if orion.core.config.worker.heartbeat < MIN_HEARTBEAT:

@@ -60,9 +60,13 @@ On these 2 cores the CPU (each database operation unpickles and pickles the whol
 every waiting worker polls the algorithm lock once a second) saturates along with the lock.
 """
 
+import collections
+import contextlib
 import hashlib
 import json
 import os
+import pickle
+import random
 import shutil
 import signal
 import socket
@@ -112,12 +116,22 @@ def filesystem_type(path: Path) -> str:
     return best[1]
 
 
-def write_config(folder: Path, budget: int) -> Path:
+def algorithm_config(algorithm: str, n_workers: int) -> str:
+    """job.sh's algorithm configuration, seeded: TPE's random phase lasts as many trials as workers (at least 5)."""
+    if algorithm == "tpe":
+        return f"tpe: {{seed: 1, n_initial_points: {max(n_workers, 5)}}}"
+    return "random: {seed: 1}"
+
+
+def write_config(folder: Path, budget: int, algorithm: str, n_workers: int, database: Path) -> Path:
+    """job.sh's Oríon configuration (its lock timeout, executor and idle timeout)."""
     config = folder / "orion-config.yml"
     config.write_text(
-        f"experiment:\n  algorithm:\n    random:\n      seed: 1\n  max_trials: {budget}\n"
+        f"experiment:\n  algorithm:\n    {algorithm_config(algorithm, n_workers)}\n  max_trials: {budget}\n"
         # Oríon's LazyWorkers wait, far beyond the run: a spare worker exits at once anyway (orion_tools.py hunt).
-        "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n"
+        "worker:\n  executor: singleexecutor\n  idle_timeout: 1800\n"
+        f"storage:\n  database:\n    type: pickleddb\n    host: {database}\n"
+        f"    timeout: {orion_tools.DATABASE_LOCK_TIMEOUT}\n"
     )
     return config
 
@@ -138,6 +152,8 @@ class Row:
 
     folder: Path
     workers: list = field(default_factory=list)
+    stalls: list = field(default_factory=list)
+    watch: "DatabaseWatch" = field(default_factory=lambda: DatabaseWatch())
 
     @property
     def db(self) -> Path:
@@ -147,13 +163,19 @@ class Row:
     def runs_file(self) -> Path:
         return self.folder / "runs.jsonl"
 
+    @property
+    def locks_file(self) -> Path:
+        """Each lock hold of every worker (ORION_TOOLS_LOCK_TRACE)."""
+        return self.folder / "locks.jsonl"
 
-def start_workers(folder: Path, n_workers: int, budget: int, sleep: float) -> Row:
+
+def start_workers(folder: Path, n_workers: int, budget: int, sleep: float, algorithm: str = "random") -> Row:
     """Starts `n_workers` `orion_tools.py hunt` workers on folder/orion_db.pkl, as job.sh does."""
     row = Row(Path(folder))
     row.folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(row.folder, budget)
-    env = common.child_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=row.db, ORION_HEARTBEAT=HEARTBEAT)
+    config = write_config(row.folder, budget, algorithm, n_workers, row.db)
+    env = common.child_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=row.db, ORION_HEARTBEAT=HEARTBEAT,
+                           ORION_TOOLS_LOCK_TRACE=row.locks_file)
     # --working-dir as in job.sh: without it each worker makes a temporary folder for the
     # trials and deletes it when it exits, under the trials the other workers still run.
     command = [sys.executable, "orion_tools.py", "hunt", "-n", EXPERIMENT, "--config", str(config),
@@ -196,6 +218,104 @@ def kill_workers(workers: list) -> None:
             worker.ended, worker.returncode = time.time(), worker.process.returncode
 
 
+# --- Stalls --------------------------------------------------------------------------------------
+# A stall: a worker's process group (the worker and its trial, as a Slurm suspend does; an NFS
+# stall or swapping stops one process the same way) SIGSTOPped for a while, then SIGCONTinued.
+# Each stall picks, at its moment, the worker holding the database lock if one does within
+# HOLDER_SEARCH seconds (the dangerous case: a stale copy written back), else a random worker.
+HOLDER_SEARCH = 15.0  # s
+
+
+def database_lock_holder(db: Path) -> int | None:
+    """The pid holding the database's lock now, if any: a flock's (/proc/locks) or a soft lock's marker."""
+    lock_file = Path(str(db) + ".lock")
+    try:
+        stat = lock_file.stat()
+    except FileNotFoundError:
+        return None
+    if lock_class(db) == "SoftFileLock":
+        try:
+            fields = dict(line.split("=", 1) for line in lock_file.read_text().splitlines() if "=" in line)
+        except OSError:
+            return None
+        return int(fields["pid"]) if fields.get("host") == socket.gethostname() and "pid" in fields else None
+    for line in Path("/proc/locks").read_text().splitlines():
+        parts = line.split()  # "1: FLOCK ADVISORY WRITE PID MAJOR:MINOR:INODE 0 EOF"; a waiter's: "1: -> FLOCK ..."
+        if len(parts) >= 8 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(stat.st_ino):
+            return int(parts[4])
+    return None
+
+
+@dataclass
+class Stall:
+    due: float  # time.time() at which it starts
+    seconds: float
+    pid: int | None = None
+    holder: bool = False  # whether the worker held the database lock when stopped
+    started: float | None = None
+    ended: float | None = None
+
+
+def plan_stalls(n: int, seconds: float, start: float, span: float, seed: int) -> list:
+    """`n` stalls at random moments between 20 % and 80 % of `span` seconds after `start`."""
+    rng = random.Random(seed)
+    return sorted((Stall(start + rng.uniform(0.2, 0.8) * span, seconds) for _ in range(n)), key=lambda s: s.due)
+
+
+def start_stall(stall: Stall, row: Row, live: list, rng: random.Random) -> None:
+    pids = {worker.process.pid for worker in live}
+    deadline = time.time() + HOLDER_SEARCH
+    while time.time() < deadline:
+        holder = database_lock_holder(row.db)
+        if holder in pids:
+            stall.pid, stall.holder = holder, True
+            break
+        time.sleep(0.005)
+    else:
+        stall.pid = rng.choice(sorted(pids))
+    try:
+        os.killpg(stall.pid, signal.SIGSTOP)
+        stall.started = time.time()
+    except ProcessLookupError:
+        stall.pid = None  # It ended meanwhile: the stall is lost (reported: no start).
+
+
+def end_stall(stall: Stall) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(stall.pid, signal.SIGCONT)
+    stall.ended = time.time()
+
+
+# --- Rollbacks --------------------------------------------------------------------------------------
+# The database file is read every WATCH_EVERY seconds without its lock (each write renames a
+# whole file over it: a read sees one version or the next): a completed trial that is no longer
+# completed in a later version was rolled back (a stale copy written over it); a file that
+# cannot be read was torn.
+WATCH_EVERY = 2.0  # s
+
+
+@dataclass
+class DatabaseWatch:
+    completed: set = field(default_factory=set)
+    rolled_back: set = field(default_factory=set)
+    unreadable: int = 0
+    reads: int = 0
+
+    def look(self, db: Path) -> None:
+        try:
+            with open(db, "rb") as file:
+                database = pickle.load(file)
+        except FileNotFoundError:
+            return
+        except Exception:
+            self.unreadable += 1
+            return
+        self.reads += 1
+        now = {document["_id"] for document in database.read("trials", {"status": "completed"})}
+        self.rolled_back |= self.completed - now
+        self.completed |= now
+
+
 def wait_for_workers(row: Row, timeout: float, memory_every: float = 2.0) -> float:
     """Waits for every worker (killing those left after `timeout` s); returns the peak PSS of all, MiB.
 
@@ -211,8 +331,18 @@ def wait_for_workers(row: Row, timeout: float, memory_every: float = 2.0) -> flo
 def _wait_for_workers(row: Row, timeout: float, memory_every: float) -> float:
     deadline = time.time() + timeout
     peak_pss = 0.0
-    next_sample = 0.0
+    next_sample = next_look = 0.0
+    rng = random.Random(len(row.workers))
     while True:
+        now = time.time()
+        for stall in row.stalls:
+            if stall.started is None and stall.pid is None and now >= stall.due:
+                start_stall(stall, row, [w for w in row.workers if w.process.poll() is None], rng)
+            elif stall.started is not None and stall.ended is None and now >= stall.started + stall.seconds:
+                end_stall(stall)
+        if now >= next_look:
+            row.watch.look(row.db)
+            next_look = now + WATCH_EVERY
         live = []
         for worker in row.workers:
             if worker.ended is None and worker.process.poll() is not None:
@@ -220,6 +350,10 @@ def _wait_for_workers(row: Row, timeout: float, memory_every: float) -> float:
             if worker.ended is None:
                 live.append(worker)
         if not live:
+            for stall in row.stalls:
+                if stall.started is not None and stall.ended is None:
+                    end_stall(stall)
+            row.watch.look(row.db)
             return peak_pss
         if time.time() >= next_sample:
             total = 0.0
@@ -303,7 +437,27 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
     # Without the workers' start-up and exit: the first run's start -> the last run's end.
     running = max((run["end"] for run in runs), default=0) - min((run["start"] for run in runs), default=0)
     pids = {worker.process.pid for worker in row.workers}
+    holds = read_runs(row.locks_file)  # One JSON line per lock hold (ORION_TOOLS_LOCK_TRACE).
+
+    def lock_figures(kind: str) -> dict:
+        mine = [hold for hold in holds if hold["lock"] == kind]
+        held, waited = [hold["held"] for hold in mine], [hold["waited"] for hold in mine]
+        return {f"{kind}_lock_holds": len(mine), f"{kind}_hold_p50": percentile(held, 50),
+                f"{kind}_hold_p99": percentile(held, 99), f"{kind}_hold_max": max(held, default=None),
+                f"{kind}_wait_p50": percentile(waited, 50), f"{kind}_wait_p99": percentile(waited, 99),
+                f"{kind}_wait_max": max(waited, default=None)}
+    errors = [line for worker in row.workers for line in worker.log.read_text(errors="replace").splitlines()
+              if line.startswith("error: ")]
     return {
+        **lock_figures("database"), **lock_figures("algorithm"),
+        "stalls": [{"pid": stall.pid, "held_database_lock": stall.holder, "seconds": stall.seconds,
+                    "started": stall.started, "ended": stall.ended} for stall in row.stalls],
+        "stalls_done": sum(stall.started is not None and stall.ended is not None for stall in row.stalls),
+        "stalls_of_lock_holders": sum(stall.holder for stall in row.stalls),
+        "rolled_back": len(row.watch.rolled_back),
+        "database_unreadable": row.watch.unreadable,
+        "database_reads": row.watch.reads,
+        "worker_errors": collections.Counter(line[:160] for line in errors),
         "workers": len(row.workers),
         "budget": budget,
         "trials": len(trials),
@@ -324,6 +478,11 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
         "algorithm_lock_timeouts": count_in_logs(row, ALGORITHM_LOCK_TIMEOUT_LINE),
         "tracebacks": count_in_logs(row, "Traceback (most recent call last)"),
         "workers_nonzero": sum(worker.returncode != 0 for worker in row.workers),
+        # A worker that stops itself says why in one `error: ` line (a stall made its hold unsafe...).
+        "workers_nonzero_unexplained": sum(
+            worker.returncode != 0 and not any(line.startswith("error: ")
+                                               for line in worker.log.read_text(errors="replace").splitlines())
+            for worker in row.workers),
         "exit_codes": sorted({worker.returncode for worker in row.workers}),
         "trials_per_second": completed / wall if wall > 0 else None,
         "running_trials_per_second": len(runs) / running if running > 0 else None,
@@ -341,18 +500,23 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
 
 
 def run_row(folder: Path, n_workers: int, trials_per_worker: int, sleep: float, timeout: float,
-            min_budget: int = 10) -> dict:
-    """Runs one row in `folder` (which must not hold a previous row) and returns its figures."""
+            min_budget: int = 10, algorithm: str = "random", stalls: int = 0, stall_seconds: float = 60.0,
+            seed: int = 0) -> dict:
+    """Runs one row in `folder` (which must not hold a previous row) and returns its figures.
+
+    With `stalls`, that many workers are SIGSTOPped for `stall_seconds` each, at random moments
+    of the row's expected run (trials_per_worker x sleep)."""
     budget = max(min_budget, trials_per_worker * n_workers)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = lock_class(folder / "orion_db.pkl")
     load_before = os.getloadavg()[0]
-    row = start_workers(folder, n_workers, budget, sleep)
+    row = start_workers(folder, n_workers, budget, sleep, algorithm)
+    row.stalls = plan_stalls(stalls, stall_seconds, time.time(), trials_per_worker * sleep, seed + n_workers)
     peak_pss = wait_for_workers(row, timeout)
     result = analyse(row, budget, peak_pss)
     result.update(lock=lock, filesystem=filesystem_type(folder), folder=str(folder), sleep=sleep,
-                  load_before=load_before, load_after=os.getloadavg()[0])
+                  algorithm=algorithm, load_before=load_before, load_after=os.getloadavg()[0])
     return result
 
 
@@ -360,15 +524,25 @@ def run_row(folder: Path, n_workers: int, trials_per_worker: int, sleep: float, 
 # Report
 # --------------------------------------------------------------------------------------
 
-COLUMNS = ["lock (filesystem)", "workers", "budget", "completed", "lost", "run twice", "broken", "lock timeouts",
-           "algo lock timeouts", "exit != 0", "trials/s", "trials/s running", "wait p50 s", "wait p99 s", "between p50 s",
-           "between p99 s", "first trial p50 s", "wall s", "RSS/worker MiB", "PSS all GiB"]
+COLUMNS = ["lock (filesystem)", "algorithm", "workers", "budget", "completed", "lost", "run twice", "rolled back",
+           "unreadable", "broken", "stalls (lock holders)", "lock timeouts", "algo lock timeouts", "exit != 0",
+           "db hold p99/max s", "algo hold p50/p99/max s", "algo wait p99 s", "trials/s", "trials/s running",
+           "wait p50 s", "wait p99 s", "between p50 s", "between p99 s", "first trial p50 s", "wall s",
+           "RSS/worker MiB", "PSS all GiB"]
+
+
+def slash(*values) -> str:
+    return "/".join(common.fmt(value) for value in values)
 
 
 def table_row(r: dict) -> list:
-    return [f"{r['lock']} ({r['filesystem']})", r["workers"], r["budget"], r["completed"], r["lost"],
-            r["run_twice"], r["broken"], r["lock_timeouts"],
-            r.get("algorithm_lock_timeouts", "-"), r["workers_nonzero"], r["trials_per_second"],
+    return [f"{r['lock']} ({r['filesystem']})", r.get("algorithm", "random"), r["workers"], r["budget"],
+            r["completed"], r["lost"], r["run_twice"], r.get("rolled_back", "-"), r.get("database_unreadable", "-"),
+            r["broken"], f"{r.get('stalls_done', 0)} ({r.get('stalls_of_lock_holders', 0)})", r["lock_timeouts"],
+            r.get("algorithm_lock_timeouts", "-"), r["workers_nonzero"],
+            slash(r.get("database_hold_p99"), r.get("database_hold_max")),
+            slash(r.get("algorithm_hold_p50"), r.get("algorithm_hold_p99"), r.get("algorithm_hold_max")),
+            r.get("algorithm_wait_p99"), r["trials_per_second"],
             r["running_trials_per_second"], r["wait_p50"], r["wait_p99"], r["between_p50"], r["between_p99"],
             r["first_trial_p50"], common.fmt(r["wall_seconds"], 1),
             common.fmt(r["peak_worker_rss_mib"], 0), r["peak_workers_pss_mib"] / 1024]
@@ -378,9 +552,11 @@ def problems(r: dict) -> list:
     """What went wrong in a row (empty: nothing)."""
     checks = [("completed", f"{r['completed']} of {r['budget']}" if r["completed"] != r["budget"] else 0),
               ("lost", r["lost"]),
-              ("run twice", r["run_twice"]), ("broken", r["broken"]), ("lock timeouts", r["lock_timeouts"]),
+              ("run twice", r["run_twice"]), ("rolled back", r.get("rolled_back")),
+              ("database unreadable", r.get("database_unreadable")),
+              ("broken", r["broken"]), ("lock timeouts", r["lock_timeouts"]),
               ("DatabaseTimeout", r["database_timeout_mentions"]),
-              ("algorithm lock timeouts", r.get("algorithm_lock_timeouts")), ("workers exit != 0", r["workers_nonzero"]),
+              ("algorithm lock timeouts", r.get("algorithm_lock_timeouts")), ("workers exit != 0 without saying why", r["workers_nonzero_unexplained"]),
               ("tracebacks", r["tracebacks"]), ("runs by unknown pids", r["foreign_runs"])]
     return [f"{name}: {value}" for name, value in checks if value]
 
@@ -448,6 +624,12 @@ def main():
     parser.add_argument("--trials-per-worker", type=int, default=None,
                         help="budget = this x workers, at least 10 (default 4; --quick: 2)")
     parser.add_argument("--sleep", type=float, default=1.0, help="seconds each stand-in trial sleeps (default 1)")
+    parser.add_argument("--algorithm", choices=["tpe", "random"], default="tpe",
+                        help="job.sh's TPE (the default; n_initial_points = workers, at least 5) or random search")
+    parser.add_argument("--stalls", type=int, default=0,
+                        help="workers SIGSTOPped per row, each for --stall-seconds, at random moments (default 0)")
+    parser.add_argument("--stall-seconds", type=float, default=60.0, help="length of each stall (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="for the stalls' moments")
     parser.add_argument("--db-roots", type=Path, nargs="+", default=DEFAULT_DB_ROOTS,
                         help="one folder per lock kind, for the databases (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="write the figures here")
@@ -485,7 +667,9 @@ def main():
                     continue
                 print(f"{n} worker(s), {lock_class(folder / 'x.pkl')} ({filesystem_type(folder)}), "
                       f"budget {max(10, trials_per_worker * n)} ...", flush=True)
-                result = run_row(folder / f"{n}-workers", n, trials_per_worker, args.sleep, args.timeout)
+                result = run_row(folder / f"{n}-workers", n, trials_per_worker, args.sleep, args.timeout,
+                                 algorithm=args.algorithm, stalls=args.stalls, stall_seconds=args.stall_seconds,
+                                 seed=args.seed)
                 rows.append(result)
                 if result["peak_workers_pss_mib"]:  # Sampled: may miss the peak; never below half the guess.
                     worker_mib = max(WORKER_MIB_GUESS / 2, result["peak_workers_pss_mib"] / n)
@@ -503,9 +687,13 @@ def main():
     elapsed = time.time() - started
 
     notes = [
-        f"sleep {args.sleep} s per trial; budget {trials_per_worker} trials per worker (at least 10); "
-        f"ORION_HEARTBEAT={HEARTBEAT}; the workers' lock timeout: Oríon's default, 60 s (their configuration sets no "
-        f"storage.database.timeout; orion_tools.storage()'s, for other subcommands: {lock_timeout()})",
+        f"{args.algorithm}; sleep {args.sleep} s per trial; budget {trials_per_worker} trials per worker (at least "
+        f"10); ORION_HEARTBEAT={HEARTBEAT}; lock timeout {orion_tools.DATABASE_LOCK_TIMEOUT} s (job.sh's); "
+        f"stalls per row: {args.stalls} of {args.stall_seconds:.0f} s (a worker's process group SIGSTOPped: the "
+        "database lock's holder if one is found within 15 s, else a random worker)",
+        "rolled back: a trial seen completed in the database file, later not; unreadable: a read of the file "
+        "that failed (read every 2 s without the lock); holds and waits: every lock hold of every worker "
+        "(ORION_TOOLS_LOCK_TRACE), seconds",
         "lost: not completed nor broken at the end; run twice: a trial id run more than once (stand-in records)",
         "wait: per worker, its start -> its first run (first trial) and each run's end -> its next run's start "
         "(between); trials/s running: runs / (first run's start -> last run's end)",
@@ -525,6 +713,7 @@ def main():
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": socket.gethostname(),
             "machine": f"{common.cpu_model()}, {common.cpu_count()} CPUs", "sleep": args.sleep,
             "trials_per_worker": trials_per_worker, "heartbeat": HEARTBEAT, "orion_tools": version,
+            "algorithm": args.algorithm, "stalls": args.stalls, "stall_seconds": args.stall_seconds,
             "lock_timeout": lock_timeout(), "seconds": elapsed, "rows": rows, "skipped": skipped,
         }, indent=1))
         print(f"wrote {args.json}")
