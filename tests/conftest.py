@@ -19,7 +19,15 @@ from pathlib import Path
 import filelock
 import pytest
 
-import main
+# The suite runs four pytest-xdist workers, their trials and their Slurm jobs' trials on two
+# cores, each torch process with several OpenMP threads (job.sh: the task's --cpus-per-task).
+# OpenMP's waiting threads spin by default: with more threads than cores, four concurrent
+# trials took 2 min 14 s instead of 23 s (benchmarks/RESULTS.md, "Test suite"). Waiting threads
+# sleep instead, in this process (before torch loads) and every process it starts, Slurm's jobs
+# included (sbatch passes the environment on).
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import main  # noqa: E402  (after OMP_WAIT_POLICY: it imports torch)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PY = REPO_ROOT / "main.py"
@@ -121,6 +129,84 @@ def readme_commands(program: str) -> list[str]:
 # --- A real single-node Slurm cluster (tests/slurm/cluster.sh) ----------------------------
 
 CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
+
+
+# --- How pytest-xdist shares the tests out (pyproject.toml: -n 4 --dist loadgroup) ----------------
+# Tests that share a module-scoped fixture (an ASHA search, a dry run, a benchmark's row...) run
+# in one worker, which builds it once: each such set is an `xdist_group`. Every other test goes
+# to whichever worker is free. The slowest go first, so that no long test starts last and runs
+# alone at the end: SLOW_TESTS, seconds, from the suite's profile (benchmarks/RESULTS.md, "Test
+# suite"); only the order depends on them.
+SLOW_TESTS = {
+    "test_job_dry_run.py::test_rerun_of_an_asha_search_extends_it": 205,
+    "test_orion.py::test_hunt_three_trials_then_info_and_plot": 182,
+    "test_job_asha.py::test_asha_runs_its_budget": 170,
+    "test_preemption_slurm.py::test_requeued_array_resumes_its_trials": 170,
+    "test_preemption.py::test_promotion_to_more_epochs_equals_training_straight_there": 151,
+    "test_job.py::test_five_workers_share_one_gpu_concurrently": 138,
+    "test_make_it_yours.py::test_a_trial_trains_on_the_new_data_and_model": 133,
+    "test_job.py::test_array_job_runs_the_search_and_readme_commands_show_it": 121,
+    "test_make_it_yours.py::test_resume_after_sigterm_reproduces_the_run": 100,
+    "test_job_dry_run.py::test_rerun_with_a_larger_budget_and_other_workers_extends_the_search": 95,
+    "test_preemption_hunt.py::test_interrupted_trial_is_resumed_by_the_next_worker": 77,
+    "test_preemption.py::test_finished_checkpoint_reports_without_retraining": 76,
+    "test_job.py::test_job_whose_trials_break_fails": 74,
+    "test_preemption_slurm.py::test_time_limit_signal_checkpoints_and_requeues": 74,
+    "test_preemption.py::test_sigterm_mid_epoch_then_resume_reproduces_the_run": 71,
+    "test_preemption_hunt.py::test_trial_of_a_killed_worker_is_finished_by_another": 70,
+    "test_job_dry_run.py::test_runs_outside_slurm_on_a_workstation": 66,
+    "test_preemption.py::test_unreadable_checkpoint_warns_and_starts_over": 62,
+    "test_db_faults.py::test_an_algorithm_lock_left_by_a_killed_worker_is_taken_over": 55,
+    "test_db_stress.py": 45,
+}
+UNKNOWN_TEST_SECONDS = 5
+
+
+def module_fixtures(item) -> list[tuple]:
+    """The module-scoped fixture instances `item` uses (with their parameter, if any)."""
+    info = getattr(item, "_fixtureinfo", None)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    used = []
+    for name in getattr(item, "fixturenames", ()):
+        definitions = info.name2fixturedefs.get(name) if info else None
+        if definitions and definitions[-1].scope == "module":
+            used.append((item.path, name, repr(params.get(name))))
+    return used
+
+
+def test_seconds(item) -> float:
+    name = f"{item.path.name}::{item.originalname}"
+    return SLOW_TESTS.get(name, SLOW_TESTS.get(item.path.name, 0) or UNKNOWN_TEST_SECONDS)
+
+
+@pytest.hookimpl(tryfirst=True)  # Before pytest-xdist's own hook reads the xdist_group marks.
+def pytest_collection_modifyitems(config, items):
+    # Tests connected through shared module fixtures form a group (union-find over the fixtures).
+    parent = list(range(len(items)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    owner = {}
+    for i, item in enumerate(items):
+        for fixture in module_fixtures(item):
+            if fixture in owner:
+                parent[root(i)] = root(owner[fixture])
+            else:
+                owner[fixture] = i
+    groups = {}
+    for i, item in enumerate(items):
+        groups.setdefault(root(i), []).append(item)
+    seconds = {key: sum(test_seconds(item) for item in members) for key, members in groups.items()}
+    order = sorted(groups, key=lambda key: (-seconds[key], key))  # Deterministic: every worker alike.
+    items[:] = [item for key in order for item in groups[key]]
+    for key in order:
+        if len(groups[key]) > 1:
+            first = groups[key][0]
+            for item in groups[key]:
+                item.add_marker(pytest.mark.xdist_group(f"{first.path.stem}-{key}"))
 
 
 def slurm_unavailable_reason() -> str | None:
@@ -226,3 +312,4 @@ def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
     _, stderr = sbatch.communicate()
     outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     return sbatch.returncode, stderr + outputs
+

@@ -1,6 +1,8 @@
-"""benchmarks/db_stress.py, reduced: 8 concurrent `orion_tools.py hunt` workers, 24 trials, on one
-PickledDB file, for each of Oríon's two lock kinds; nothing lost, run twice, broken or timed out,
-and every worker exits 0.
+"""benchmarks/db_stress.py, reduced: 8 concurrent `orion_tools.py hunt` workers, 24 trials, TPE
+as job.sh configures it, on one PickledDB file, for each of Oríon's two lock kinds, one worker
+SIGSTOPped for a few seconds (the database lock's holder, if one is seen); nothing lost, run
+twice, rolled back, unreadable, broken or timed out, and every worker exits 0. (The benchmark's
+own run: 3-minute trials, 10-100 workers, two 60-s stalls per row; RESULTS.md.)
 
 Runs the benchmark's own functions (one row each). The flock database lives in pytest's
 temporary folder (ext4 here: Oríon's FileLock), the soft-lock one in /dev/shm (tmpfs:
@@ -21,6 +23,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "db_stress.py"
 WORKERS = 8
 TRIALS_PER_WORKER = 3  # A budget of 24.
 SLEEP = 0.5  # Seconds per trial: short, so that the workers hit the database often; trials still overlap.
+STALL = 5  # Seconds: well within the lease's half (orion_tools.DATABASE_LOCK_LEASE): the worker goes on.
 ROW_TIMEOUT = 300  # Workers still running then are killed (and the test fails), instead of hanging.
 
 
@@ -50,7 +53,8 @@ def row(request, db_stress, tmp_path_factory):
         if lock != expected:
             pytest.fail(f"Oríon creates a {lock} for a database in {folder} "
                         f"({db_stress.filesystem_type(folder)}), not the {expected} this test is for")
-        result = db_stress.run_row(folder / "row", WORKERS, TRIALS_PER_WORKER, SLEEP, ROW_TIMEOUT)
+        result = db_stress.run_row(folder / "row", WORKERS, TRIALS_PER_WORKER, SLEEP, ROW_TIMEOUT,
+                                   algorithm="tpe", stalls=1, stall_seconds=STALL)
     finally:
         if kind == "soft":  # Keep the workers' output for a failure, out of /dev/shm.
             shutil.copytree(folder, tmp_path_factory.mktemp("db-stress-soft-kept"), dirs_exist_ok=True)
@@ -62,7 +66,8 @@ def row(request, db_stress, tmp_path_factory):
 
 def evidence(row) -> str:
     keys = ["lock", "statuses", "runs", "run_twice_ids", "exit_codes", "tracebacks", "database_timeout_mentions",
-            "algorithm_lock_timeouts", "folder"]
+            "algorithm_lock_timeouts", "stalls", "rolled_back", "database_unreadable", "database_reads",
+            "worker_errors", "folder"]
     return ", ".join(f"{key}={row[key]}" for key in keys)
 
 
@@ -99,3 +104,22 @@ def test_every_worker_exits_0(row):
 def test_every_completed_trial_has_its_run_recorded(row):
     """Else `run twice` above could be 0 for want of records (the stand-in's --record)."""
     assert row["completed_without_run"] == 0, evidence(row)
+
+
+def test_the_stall_happened(row):
+    assert row["stalls_done"] == 1, evidence(row)
+
+
+def test_no_completed_trial_is_rolled_back(row):
+    assert row["database_reads"] > 0 and row["rolled_back"] == 0, evidence(row)
+
+
+def test_the_database_file_is_always_readable(row):
+    assert row["database_unreadable"] == 0, evidence(row)
+
+
+def test_every_hold_of_both_locks_is_traced(row):
+    """ORION_TOOLS_LOCK_TRACE: the benchmark's lock holds (TPE's algorithm lock: issue 18, finding 8).
+    At least one algorithm-lock hold per trial: its result shown to TPE."""
+    assert row["database_lock_holds"] > row["budget"], evidence(row)
+    assert row["algorithm_lock_holds"] >= row["budget"], evidence(row)

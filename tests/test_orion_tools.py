@@ -416,3 +416,43 @@ def test_an_algorithm_lock_taken_over_meanwhile_keeps_its_new_holders_state(expe
             locked.set_state({"mine": 1})
     [algo] = storage._db.read("algo", {"experiment": experiment.id})
     assert algo["locked"] == 1 and algo["state"] == b"theirs"
+
+
+@pytest.fixture
+def tpe_lock(monkeypatch):
+    """benchmarks/tpe_lock.py, with the worker's produce, observe and algorithm lock (as `hunt` installs them)."""
+    from conftest import import_benchmark
+    from orion.core.worker.producer import Producer
+    from orion.storage.legacy import Legacy
+    benchmark = import_benchmark(REPO_ROOT / "benchmarks" / "tpe_lock.py")
+    monkeypatch.setattr(Producer, "produce", orion_tools.produce_within_budget)
+    monkeypatch.setattr(Producer, "observe", orion_tools.observe_patiently)
+    monkeypatch.setattr(Legacy, "acquire_algorithm_lock", benchmark.timed_algorithm_lock)
+    yield benchmark
+    benchmark.use_copies("Oríon's copies")
+
+
+def tpe_suggestions(tpe_lock, way: str, folder) -> tuple[list, list]:
+    """(the parameters of 4 trials TPE suggests in turn after 30 completed ones, each hold of the
+    algorithm lock), with Oríon's state copies or orion_tools'."""
+    folder.mkdir()
+    tpe_lock.use_copies(way)
+    experiment = tpe_lock.experiment_with(30, folder)
+    tpe_lock.HOLDS.clear()
+    suggested = []
+    for objective in (0.4, 0.3, 0.2, 0.1):
+        trial = experiment.suggest()
+        suggested.append(trial.params)
+        experiment.observe(trial, [{"name": "objective", "type": "objective", "value": objective}])
+    return suggested, list(tpe_lock.HOLDS)
+
+
+def test_tpe_suggests_the_same_trials_with_orion_tools_state_copies(tpe_lock, tmp_path):
+    """The holds' copies by a pickle round trip (install_fast_algorithm_copies, issue 18, finding 8:
+    benchmarks/tpe_lock.py times them) change nothing the algorithm does."""
+    orions, orions_holds = tpe_suggestions(tpe_lock, "Oríon's copies", tmp_path / "orion")
+    ours, our_holds = tpe_suggestions(tpe_lock, "orion_tools", tmp_path / "orion_tools")
+    assert ours == orions
+    assert len({tuple(sorted(p.items())) for p in ours}) == 4  # Four different trials: TPE went on.
+    assert len(our_holds) == len(orions_holds) == 8  # A hold per suggestion and per result: what the benchmark times.
+
