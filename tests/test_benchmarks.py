@@ -25,6 +25,8 @@ QUICK_RUNS = {
     # On a machine without a GPU, --cpu runs the same code on the CPU (see the scripts).
     "gpu_concurrency": (["--cpu", "--trials", "2", "--cuda-graph"], "GPU concurrency", "wall images/s", ["2 "]),
     "step_time": (["--cpu"], "Step time", "ms/step", ["eager", "--cuda-graph", "--compile reduce-overhead", "upstream"]),
+    "concurrent_trials": ([], "Concurrent trials", "wall s", ["4 threads, spin", "4 threads, OMP_WAIT_POLICY", "1 thread"]),
+    "tpe_lock": ([], "Algorithm-lock holds (median), TPE", "ceiling trials/s", ["30"]),
 }
 
 
