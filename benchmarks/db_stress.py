@@ -4,27 +4,35 @@ The README launches up to 50 workers (10 Slurm tasks x 5 per GPU) on one Pickled
 ceiling Oríon itself states. Each row starts N workers at once, exactly as job.sh runs them:
 
     python orion_tools.py hunt -n db-stress --config CONFIG --working-dir DIR \\
-        python tests/standin_trial.py --sleep 1 --record RUNS.jsonl --learning-rate~'loguniform(1e-5, 1.0)'
+        python tests/standin_trial.py --sleep S --record RUNS.jsonl --learning-rate~'loguniform(1e-5, 1.0)'
 
 with ORION_DB_TYPE=pickleddb, ORION_DB_ADDRESS=<the row's own database file>, ORION_HEARTBEAT=30
-(job.sh's), and the random algorithm, max_trials = trials per worker x N (at least 10),
-`worker: {executor: singleexecutor, idle_timeout: 600}` (tests/test_orion_tools.py's budget
-test). The trial is the light stand-in: it sleeps --sleep seconds and reports an objective, so
-that the database, not the trials, is what is loaded: 1 s is some 300 times shorter than a real
-trial (minutes), i.e. each worker comes back to the database hundreds of times more often than
-in a real search, yet long enough for trials to overlap, so that many workers reserve, complete
-and ask for the next trial at the same moments. Per row, from the database (orion.client, after
-the workers exit), the stand-in's record of every run (tests/standin_trial.py --record: trial id,
-worker pid, start, end) and each worker's output file (kept, with the database, when a row has
-a problem):
+and job.sh's configuration: its algorithm (--algorithm: TPE by default, n_initial_points = N,
+at least 5, as job.sh sets it; or random search), its lock timeout (120 s), singleexecutor,
+max_trials = trials per worker x N (at least 10). The trial is the light stand-in: it sleeps
+--sleep seconds and reports an objective, so that the database, not the trials, is what is
+loaded. Short trials (1 s, the default) make each worker come back to the database hundreds of
+times more often than a real search; long ones (--sleep 180, longer than the heartbeat) make
+heartbeats and the loss rule run, as in a real search. --stalls K SIGSTOPs K workers per row
+(the worker and its trial: its process group, as a Slurm suspend does) for --stall-seconds
+each, at random moments of the row: the one holding the database lock, if one is seen within
+15 s, else a random one. Per row, from the database (orion.client, after the workers exit),
+the stand-in's record of every run (tests/standin_trial.py --record: trial id, worker pid,
+start, end), the database file read every 2 s during the row, each lock hold of every worker
+(ORION_TOOLS_LOCK_TRACE) and each worker's output file (kept, with the database, when a row
+has a problem):
 
 - completed; lost (not completed nor broken at the end: new, reserved, interrupted...); run twice
   (a trial id with more than one run; `run_twice_at_once` in the JSON: two runs of one id
-  overlapping); broken; lock timeouts (`stayed locked for`, the file lock, in
+  overlapping); rolled back (a trial once completed in the file, later not); unreadable (a
+  read of the file that failed); broken; lock timeouts (`stayed locked for`, the file lock, in
   the workers' output; the JSON also counts `DatabaseTimeout`); algo lock timeouts (a worker
-  that died of `LockAcquisitionTimeout`: it waited 60 s for the experiment's algorithm lock, a
-  flag in the database that Oríon polls every second and takes after every trial, in
-  `Producer.observe`); workers exiting non-zero. All of these but completed should be 0.
+  that died of `LockAcquisitionTimeout`); workers exiting non-zero (a worker that stops itself
+  says why in an `error: ` line: `worker_errors` in the JSON). All of these but completed
+  should be 0 (a worker that stopped itself, saying why, is not a problem).
+- lock holds and waits, seconds: of the database lock (each operation) and of the algorithm
+  lock (each suggestion and each result shown to the algorithm: TPE's grow with the trials;
+  benchmarks/tpe_lock.py measures them by experiment size);
 - trials/s: completed / wall (first worker started -> last worker exited); trials/s running:
   runs / (the first run's start -> the last run's end), without the workers' start and exit;
 - wait p50/p99: the time a worker waits for a trial: per worker, its start -> its first run
@@ -44,7 +52,13 @@ was ~470 MiB when Oríon's CLI imported torch; RESULTS.md). A row starts only if
 in 80 % of MemAvailable (as measured in the rows before).
 
     uv run python benchmarks/db_stress.py [--quick] [--workers 1 10 25 50 100] [--trials-per-worker 4]
-        [--sleep 1] [--db-roots /tmp /dev/shm] [--json FILE] [--markdown] [--keep]
+        [--sleep 1] [--algorithm tpe|random] [--stalls 2 --stall-seconds 60] [--db-roots /tmp /dev/shm]
+        [--json FILE] [--markdown] [--keep]
+
+The run with stalls (RESULTS.md, "Many workers with stalls"):
+
+    uv run python benchmarks/db_stress.py --workers 10 50 100 --trials-per-worker 2 --sleep 180 \\
+        --stalls 2 --stall-seconds 60 --json benchmarks/db_stress_stalls.json --markdown
 
 Result of an earlier orion_tools.py (2 CPU cores, AMD EPYC, 24 GB; shared with other test runs,
 load average 5.5 at the start; Oríon 0.2.7; workers made torch-free by a stub then; 22 min;
