@@ -60,18 +60,14 @@ The run with stalls (RESULTS.md, "Many workers with stalls"):
     uv run python benchmarks/db_stress.py --workers 10 50 100 --trials-per-worker 2 --sleep 180 \\
         --stalls 2 --stall-seconds 60 --json benchmarks/db_stress_stalls.json --markdown
 
-Result of an earlier orion_tools.py (2 CPU cores, AMD EPYC, 24 GB; shared with other test runs,
-load average 5.5 at the start; Oríon 0.2.7; workers made torch-free by a stub then; 22 min;
-later runs: RESULTS.md, "Many workers on one database"): every row completed its
-budget exactly: no trial lost, run twice or broken, and no file-lock timeout (Oríon's 60 s),
-with either lock, up to 100 workers. Throughput peaks at 10 workers (FileLock 2.2 trials/s,
-SoftFileLock 1.6) and falls beyond (25: 1.4-1.6, 50: 1.1-1.4, 100: 1.05), while the wait for a
-trial grows (p50 0.1-0.9 s at 10 workers, 5-7 s at 25, 15-23 s at 50, 50 s at 100; p99 up to
-88 s at 50 and 177 s at 100). What breaks first is the algorithm lock: at 50 workers 3
-(FileLock) and 1 (SoftFileLock) of the 50 workers died of LockAcquisitionTimeout after
-completing a trial, at 100 workers 50 and 58 of the 100 (the others ran the budget to the end).
-On these 2 cores the CPU (each database operation unpickles and pickles the whole file, and
-every waiting worker polls the algorithm lock once a second) saturates along with the lock.
+Result (RESULTS.md, "Many workers with stalls"; 2 CPU cores, 2026-12-02): TPE, 3-minute
+trials, 10, 50 and 100 workers, both lock kinds, two 60-s stalls per row (7 of the 12 on the
+database lock's holder): every row completed its budget exactly, with no trial lost, run
+twice, rolled back or unreadable, no lock timeout and every worker exiting 0. A stalled holder
+made the others wait up to 64 s; the algorithm lock's p99 hold grew from 0.07-0.15 s (10
+workers) to 2.3-2.7 s (100); a worker's first trial waited 3-4 min (p50) at 100 workers.
+With 1-s trials and random search (2026-12-01), throughput peaked at 10 workers (2.2 trials/s
+flock, 1.6 soft lock) and fell to 0.84-0.87 at 100 workers.
 """
 
 import collections
