@@ -296,13 +296,22 @@ def temporary_path(path) -> str:
 LOCK_TRACE = os.environ.get("ORION_TOOLS_LOCK_TRACE")
 
 
+TRACE_FAILED = threading.Event()
+
+
 def trace_lock(kind: str, waited: float, held: float) -> None:
-    if LOCK_TRACE:
-        line = json.dumps({"lock": kind, "pid": os.getpid(), "waited": round(waited, 4), "held": round(held, 4),
-                           "end": round(time.time(), 3)}) + "\n"
-        with contextlib.suppress(OSError):  # One write to an O_APPEND file: lines never interleave.
-            with open(LOCK_TRACE, "a") as file:
-                file.write(line)
+    if not LOCK_TRACE:
+        return
+    line = json.dumps({"lock": kind, "pid": os.getpid(), "waited": round(waited, 4), "held": round(held, 4),
+                       "end": round(time.time(), 3)}) + "\n"
+    try:
+        with open(LOCK_TRACE, "a") as file:  # One write to an O_APPEND file: lines never interleave.
+            file.write(line)
+    except OSError as error:  # The trace is optional: say so once, and go on.
+        if not TRACE_FAILED.is_set():
+            TRACE_FAILED.set()
+            print(f"warning: ORION_TOOLS_LOCK_TRACE={LOCK_TRACE}: cannot append to it ({error.strerror}): "
+                  "no lock trace from this worker", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -50,6 +50,8 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.trials, args.epochs = 2, 1
+    if args.trials < 1 or args.epochs < 1:
+        parser.error("--trials and --epochs must be at least 1")
     common.print_header("Concurrent trials on the CPU: OpenMP threads and wait policy", args)
     os.environ.pop("OMP_WAIT_POLICY", None)  # Each setting says its own (the test suite sets PASSIVE).
     data_dir = common.ensure_data(args.data_root, 100)  # 500 images, as the tests' sample.

@@ -647,6 +647,10 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep each row's folder (database, logs, runs)")
     parser.set_defaults(timeout=1800)  # common's --timeout: here, seconds allowed to each row.
     args = parser.parse_args()
+    if (args.workers and min(args.workers) < 1) or (args.trials_per_worker is not None and args.trials_per_worker < 1):
+        parser.error("--workers and --trials-per-worker must be at least 1")
+    if args.sleep < 0 or args.stalls < 0 or args.stall_seconds <= 0:
+        parser.error("--sleep and --stalls must be at least 0, --stall-seconds more than 0")
     signal.signal(signal.SIGTERM, interrupted)  # Stops as Ctrl-C does: the workers are killed too.
     workers = args.workers or (QUICK_WORKERS if args.quick else DEFAULT_WORKERS)
     trials_per_worker = args.trials_per_worker or (2 if args.quick else 4)

@@ -12,8 +12,9 @@ otherwise), and N completed trials with random parameters and objectives, writte
 a first suggestion shows them all to the algorithm (not timed). Then --repeats times: a
 suggestion (`produce`, through orion_tools.produce_within_budget, as a worker runs it) and the
 result of that trial (`observe`, orion_tools.observe_patiently), each hold timed from the
-moment the lock is taken to the moment it is released (orion_tools.algorithm_lock: the
-state's load and save included, the database reads and writes of the lock itself not).
+moment the lock is taken and the state loaded (unpickled) to the moment the release is
+written (the state pickled and saved: one database operation, which reads and writes the
+whole file). What other workers wait for is this plus the state's load.
 
 Two ways, in the same process, alternating: "Oríon's copies" (Oríon 0.2.7 as it is: its
 algorithm wrappers and registry copy the state with `copy.deepcopy`) and "orion_tools"
@@ -50,12 +51,12 @@ from orion.storage.legacy import Legacy
 SPACE = {"learning_rate": "loguniform(1e-5, 1.0)", "weight_decay": "loguniform(1e-6, 1e-1)"}  # job.sh's priors.
 COPYING_MODULES = (orion.algo.base.registry, orion.core.worker.algo_wrappers.algo_wrapper,
                    orion.core.worker.algo_wrappers.insist_suggest)
-HOLDS: list = []  # (kind, seconds) of each algorithm-lock hold, appended by `timed_algorithm_lock`.
+HOLDS: list = []  # Seconds of each algorithm-lock hold, appended by `timed_algorithm_lock`.
 
 
 @contextlib.contextmanager
 def timed_algorithm_lock(self, *args, **kwargs):
-    """orion_tools.algorithm_lock, timing each hold from taking the lock to releasing it."""
+    """orion_tools.algorithm_lock, timing each hold from the state loaded to the release written."""
     with orion_tools.algorithm_lock(self, *args, **kwargs) as state:
         started = time.perf_counter()
         yield state
@@ -132,6 +133,8 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats = [30], 2
+    if min(args.sizes) < 1 or args.repeats < 1:
+        parser.error("--sizes and --repeats must be at least 1")
     common.print_header("TPE's algorithm-lock holds by experiment size", args)
     Producer.produce = orion_tools.produce_within_budget
     Producer.observe = orion_tools.observe_patiently

@@ -456,3 +456,23 @@ def test_tpe_suggests_the_same_trials_with_orion_tools_state_copies(tpe_lock, tm
     assert len({tuple(sorted(p.items())) for p in ours}) == 4  # Four different trials: TPE went on.
     assert len(our_holds) == len(orions_holds) == 8  # A hold per suggestion and per result: what the benchmark times.
 
+
+
+def test_an_unwritable_lock_trace_is_one_warning_and_the_worker_goes_on(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(orion_tools, "LOCK_TRACE", str(tmp_path / "missing-folder" / "locks.jsonl"))
+    monkeypatch.setattr(orion_tools, "TRACE_FAILED", orion_tools.threading.Event())
+    orion_tools.trace_lock("database", 0.1, 0.2)
+    orion_tools.trace_lock("algorithm", 0.1, 0.2)
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"warning: ORION_TOOLS_LOCK_TRACE={tmp_path}/missing-folder/locks.jsonl: cannot append to it"), warnings
+
+
+def test_the_lock_trace_is_one_json_line_per_hold(monkeypatch, tmp_path):
+    trace = tmp_path / "locks.jsonl"
+    monkeypatch.setattr(orion_tools, "LOCK_TRACE", str(trace))
+    orion_tools.trace_lock("database", 0.5, 0.25)
+    orion_tools.trace_lock("algorithm", 0.0, 1.5)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [(line["lock"], line["waited"], line["held"], line["pid"]) for line in lines] == [
+        ("database", 0.5, 0.25, os.getpid()), ("algorithm", 0.0, 1.5, os.getpid())]
