@@ -294,9 +294,7 @@ def temporary_path(path) -> str:
 # ORION_TOOLS_LOCK_TRACE=FILE: each hold of the database lock and of the algorithm lock appends
 # one JSON line to FILE (benchmarks/db_stress.py reads them: how long workers wait and hold).
 LOCK_TRACE = os.environ.get("ORION_TOOLS_LOCK_TRACE")
-
-
-TRACE_FAILED = threading.Event()
+TRACE_FAILED = threading.Event()  # Set once the trace could not be written (said once).
 
 
 def trace_lock(kind: str, waited: float, held: float) -> None:

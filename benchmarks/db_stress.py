@@ -236,14 +236,14 @@ def kill_workers(workers: list) -> None:
 HOLDER_SEARCH = 15.0  # s
 
 
-def database_lock_holder(db: Path) -> int | None:
-    """The pid holding the database's lock now, if any: a flock's (/proc/locks) or a soft lock's marker."""
+def database_lock_holder(db: Path, soft: bool) -> int | None:
+    """The pid holding the database's lock now, if any: a soft lock's marker, or a flock's (/proc/locks)."""
     lock_file = Path(str(db) + ".lock")
     try:
         stat = lock_file.stat()
     except FileNotFoundError:
         return None
-    if lock_class(db) == "SoftFileLock":
+    if soft:
         try:
             fields = dict(line.split("=", 1) for line in lock_file.read_text().splitlines() if "=" in line)
         except OSError:
@@ -274,9 +274,12 @@ def plan_stalls(n: int, seconds: float, start: float, span: float, seed: int) ->
 
 def start_stall(stall: Stall, row: Row, live: list, rng: random.Random) -> None:
     pids = {worker.process.pid for worker in live}
+    if not pids:
+        return  # Every worker has exited: nothing to stall.
+    soft = lock_class(row.db) == "SoftFileLock"  # Once, not in the 5-ms loop below.
     deadline = time.time() + HOLDER_SEARCH
     while time.time() < deadline:
-        holder = database_lock_holder(row.db)
+        holder = database_lock_holder(row.db, soft)
         if holder in pids:
             stall.pid, stall.holder = holder, True
             break
@@ -287,7 +290,7 @@ def start_stall(stall: Stall, row: Row, live: list, rng: random.Random) -> None:
         os.killpg(stall.pid, signal.SIGSTOP)
         stall.started = time.time()
     except ProcessLookupError:
-        stall.pid = None  # It ended meanwhile: the stall is lost (reported: no start).
+        stall.pid = None  # It ended meanwhile: the stall is tried again at the loop's next turn.
 
 
 def end_stall(stall: Stall) -> None:
@@ -456,8 +459,9 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
                 f"{kind}_hold_p99": percentile(held, 99), f"{kind}_hold_max": max(held, default=None),
                 f"{kind}_wait_p50": percentile(waited, 50), f"{kind}_wait_p99": percentile(waited, 99),
                 f"{kind}_wait_max": max(waited, default=None)}
-    errors = [line for worker in row.workers for line in worker.log.read_text(errors="replace").splitlines()
-              if line.startswith("error: ")]
+    # A worker that stops itself says why in one `error: ` line (a stall made its hold unsafe...).
+    errors_of = [[line for line in worker.log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+                 for worker in row.workers]
     return {
         **lock_figures("database"), **lock_figures("algorithm"),
         "stalls": [{"pid": stall.pid, "held_database_lock": stall.holder, "seconds": stall.seconds,
@@ -467,7 +471,7 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
         "rolled_back": len(row.watch.rolled_back),
         "database_unreadable": row.watch.unreadable,
         "database_reads": row.watch.reads,
-        "worker_errors": collections.Counter(line[:160] for line in errors),
+        "worker_errors": collections.Counter(line[:160] for errors in errors_of for line in errors),
         "workers": len(row.workers),
         "budget": budget,
         "trials": len(trials),
@@ -488,11 +492,8 @@ def analyse(row: Row, budget: int, peak_pss_mib: float) -> dict:
         "algorithm_lock_timeouts": count_in_logs(row, ALGORITHM_LOCK_TIMEOUT_LINE),
         "tracebacks": count_in_logs(row, "Traceback (most recent call last)"),
         "workers_nonzero": sum(worker.returncode != 0 for worker in row.workers),
-        # A worker that stops itself says why in one `error: ` line (a stall made its hold unsafe...).
-        "workers_nonzero_unexplained": sum(
-            worker.returncode != 0 and not any(line.startswith("error: ")
-                                               for line in worker.log.read_text(errors="replace").splitlines())
-            for worker in row.workers),
+        "workers_nonzero_unexplained": sum(worker.returncode != 0 and not errors
+                                           for worker, errors in zip(row.workers, errors_of)),
         "exit_codes": sorted({worker.returncode for worker in row.workers}),
         "trials_per_second": completed / wall if wall > 0 else None,
         "running_trials_per_second": len(runs) / running if running > 0 else None,

@@ -312,4 +312,3 @@ def sbatch_wait(slurm_env, job_env, tmp_path, *args, timeout=900, **extra_env):
     _, stderr = sbatch.communicate()
     outputs = "\n".join(p.read_text() for p in sorted(tmp_path.glob("slurm-*.out")))
     return sbatch.returncode, stderr + outputs
-

@@ -457,7 +457,6 @@ def test_tpe_suggests_the_same_trials_with_orion_tools_state_copies(tpe_lock, tm
     assert len(our_holds) == len(orions_holds) == 8  # A hold per suggestion and per result: what the benchmark times.
 
 
-
 def test_an_unwritable_lock_trace_is_one_warning_and_the_worker_goes_on(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(orion_tools, "LOCK_TRACE", str(tmp_path / "missing-folder" / "locks.jsonl"))
     monkeypatch.setattr(orion_tools, "TRACE_FAILED", orion_tools.threading.Event())
