@@ -3,13 +3,15 @@ disk, reading and checking its pickled batches, its normalization statistics and
 
 main.py imports it as `dataset` and calls `dataset.load(data_dir)` and `dataset.augment(images)`;
 job.sh stages it on each node (step 2: `stage`, from $CIFAR10_ARCHIVE, or downloaded and
-checked); a small look-alike, for a first try without the real data:
+checked, after `orion_tools.py stage-data` checked the node's free space for `staged_bytes`); a
+small look-alike, for a first try without the real data:
 
     python cifar10.py sample data                # data/cifar-10-python.tar.gz, 500 generated images
 
 To train on your own data, write a module like this one, with the same names (README, "Make it
 yours"): `load`, `augment`, `stage`, `SOURCE_VARIABLE`, `DEFAULT_SOURCE`, and `write_sample` (a
-small sample in the data set's own format, that the tests train on).
+small sample in the data set's own format, that the tests train on); `staged_bytes` if staging
+needs more room than the source's size.
 
 We read the pickled batches ourselves rather than through torchvision's CIFAR10 class: it checks
 the official files' MD5s (so it refuses the small look-alike the tests generate) and decodes
@@ -21,7 +23,6 @@ import hashlib
 import os
 import pickle
 import shutil
-import socket
 import sys
 import tarfile
 import tempfile
@@ -50,16 +51,14 @@ class DataError(ValueError):
 # --- Staging (job.sh, once per node) --------------------------------------------------------------
 
 
+def staged_bytes(source: Path) -> int:
+    """The room staging needs on the node: the archive and its extracted files (171 + 186 MB), with a margin."""
+    return (source.stat().st_size if source.is_file() else ARCHIVE_BYTES) * 22 // 10
+
+
 def stage(destination: Path, source: Path) -> None:
     """Copies (or downloads and checks) the archive `source` into `destination` and extracts it there."""
     destination.mkdir(parents=True, exist_ok=True)
-    # The archive and its extracted files (171 + 186 MB): 2.2 x the archive, with a margin.
-    needed_mb = (source.stat().st_size if source.is_file() else ARCHIVE_BYTES) * 22 // 10 // 10**6 + 1
-    free_mb = shutil.disk_usage(destination).free // 10**6
-    if free_mb < needed_mb:
-        raise DataError(f"SLURM_TMPDIR={os.environ.get('SLURM_TMPDIR', destination)} on {socket.gethostname()} has "
-                        f"{free_mb} MB free, and staging CIFAR-10 needs about {needed_mb} MB (the archive and its "
-                        f"extracted files): {more_space_advice(needed_mb)}")
     archive = destination / ARCHIVE
     if source.is_file():
         shutil.copyfile(source, archive)
@@ -77,20 +76,14 @@ def stage(destination: Path, source: Path) -> None:
     find_or_extract(destination)  # Here, once, rather than in every trial.
 
 
-def more_space_advice(needed_mb: int) -> str:  # Under Slurm, or a dry run of job.sh.
-    if "SLURM_JOB_ID" in os.environ:
-        return f"ask for nodes with more local disk (sbatch --tmp={needed_mb}M, where the cluster sets it)"
-    return "export TMPDIR=a folder with more space (this dry run's $SLURM_TMPDIR is made there)"
-
-
-def write_sample(folder: Path, images: int = 500) -> Path:
-    """A small, learnable look-alike of the archive (`images` training images), in the official
+def write_sample(folder: Path, size: int = 500) -> Path:
+    """A small, learnable look-alike of the archive (`size` training images), in the official
     format; returns its path. What the tests stage and train on: no test downloads the real one.
     """
     sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
     from cifar10_lookalike import write_cifar10_archive
 
-    return write_cifar10_archive(folder, images_per_batch=images // 5)
+    return write_cifar10_archive(folder, images_per_batch=size // 5)
 
 
 # --- Loading (main.py, once per trial) --------------------------------------------------------------
@@ -99,13 +92,14 @@ def write_sample(folder: Path, images: int = 500) -> Path:
 def load(data_dir: Path) -> dict:
     """The five training batches (test_batch is for the final evaluation of the chosen model, never here).
 
-    Returns what main.py needs of any data set: `images` (N, channels, height, width) uint8,
-    `labels` (N,) int64 in 0..classes-1, `classes`, and the per-channel `mean` and `std`.
+    Held on the device (150 MB as uint8): `inputs` (N, 3, 32, 32) uint8 images, `targets` (N,)
+    int64 in 0..9, `classes`, and the per-channel `mean` and `std` that main.py's images are
+    standardized with. No validation split of its own: main.py keeps a fixed 10 % aside.
     """
     batches_dir = find_or_extract(data_dir)
     parts = [load_batch_file(batches_dir / f"data_batch_{i}") for i in range(1, 6)]
-    return dict(images=np.concatenate([images for images, _ in parts]),
-                labels=np.concatenate([labels for _, labels in parts]), classes=CLASSES, mean=MEAN, std=STD)
+    return dict(inputs=np.concatenate([images for images, _ in parts]),
+                targets=np.concatenate([labels for _, labels in parts]), classes=CLASSES, mean=MEAN, std=STD)
 
 
 def find_or_extract(data_dir: Path) -> Path:

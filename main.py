@@ -7,11 +7,11 @@ and five trials can share it (benchmarks/RESULTS.md). By hand, on a GPU or (slow
 
     uv run python main.py --data-dir ./data --epochs 1
 
-This is the file to make yours (README, "Make it yours"): the data set, the objective, the
-hyperparameters, the model and optimizer, the training step and evaluation, and the trial
-itself, in the order they run. What stays as it is lives in trial_support.py, which you need
-not open: checkpoints and exact resume, preemption (exit 130: Oríon's "interrupted"), the
-metrics file, Oríon's results file, the CUDA-graph step, one-line errors.
+This is the file to make yours (README, "Make it yours"): the data set, the hyperparameters, the
+model and optimizer, the training step, the metrics and the objective, and the trial itself, in
+the order they run. What stays as it is lives in trial_support.py and trial_data.py, which you
+need not open: the data's checks and batches, checkpoints and exact resume, preemption (exit 130:
+Oríon's "interrupted"), the metrics file, Oríon's results file, the CUDA-graph step, one-line errors.
 """
 
 import functools
@@ -20,13 +20,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.models import resnet18
 
-# The data set: a module with `load(data_dir)`, `augment(images)`, and `stage` and `write_sample`
-# for job.sh and the tests. cifar10.py is the example; job.sh stages it from its name here.
+# The data set: a module with `load(data_dir)` (arrays held on the device, or a torch Dataset
+# streamed from disk: trial_data.py), `augment`, and `stage` and `write_sample` for job.sh and the
+# tests. cifar10.py is the example; job.sh stages the module named here.
 import cifar10 as dataset
 from trial_support import Trial, argument_parser, int_at_least, non_negative_float, positive_float
-
-# What Oríon minimizes. Oríon keeps the name with each value; the report and the job's summary show it.
-OBJECTIVE = "1 - validation accuracy"
 
 
 # --- 1. Hyperparameters -------------------------------------------------------------------------
@@ -50,7 +48,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def build_model(args, data) -> torch.nn.Module:
-    """The network, for `data.classes` classes of images shaped like `data.train_images[0]`."""
+    """The network, for `data.classes` classes (None: a regression) of inputs shaped `data.input_shape`."""
     return resnet18(num_classes=data.classes)
 
 
@@ -60,38 +58,48 @@ def build_optimizer(args, model, trial) -> torch.optim.Optimizer:
                              **trial.optimizer_options)
 
 
-# --- 3. Training step and evaluation ------------------------------------------------------------
+# --- 3. Training step, evaluation and objective -------------------------------------------------
 
 
-def train_step(model, optimizer, images, labels, data, trial, augment: bool = False) -> torch.Tensor:
-    """One optimization step on a batch of uint8 images; returns the batch's summed loss, on the device.
+def train_step(model, optimizer, inputs, targets, args, data, trial) -> torch.Tensor:
+    """One optimization step on a batch as the data set stores it; returns the batch's summed loss,
+    on the device. `args` holds every hyperparameter, for the loss too.
 
     Nothing here waits for the GPU (no `.item()`, no copy from Python): the CPU runs ahead, and
     --cuda-graph captures this function whole. The benchmarks time this very function.
     """
-    x = data.normalize(dataset.augment(images) if augment else images)
+    x = data.prepare(dataset.augment(inputs) if args.augment else inputs)  # uint8 -> standardized float.
     with trial.autocast():  # bf16 on a GPU.
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), labels)
+        outputs = model(x)
+    loss = F.cross_entropy(outputs.float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach() * len(labels)
+    return loss.detach() * len(targets)
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, data, trial) -> tuple[float, float]:
-    """Mean cross-entropy per image and accuracy, over the whole validation set."""
+def evaluate(model, data, trial, args) -> dict[str, float]:
+    """The metrics of the model on the whole validation set, by name: each epoch's line, metrics.jsonl
+    and the report show them."""
     model.eval()
-    total_loss = torch.zeros((), device=images.device)
-    correct = torch.zeros((), device=images.device, dtype=torch.long)
-    for start in range(0, len(images), 500):
-        x, y = data.normalize(images[start:start + 500]), labels[start:start + 500]
+    total_loss = torch.zeros((), device=trial.device)
+    correct = torch.zeros((), device=trial.device, dtype=torch.long)
+    for inputs, targets in data.valid_batches():
         with trial.autocast():
-            logits = model(x)
-        total_loss += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(dim=1) == y).sum()
-    return total_loss.item() / len(images), correct.item() / len(images)
+            outputs = model(data.prepare(inputs))
+        total_loss += F.cross_entropy(outputs.float(), targets, reduction="sum")
+        correct += (outputs.argmax(dim=1) == targets).sum()
+    return {"val_loss": total_loss.item() / data.valid_size, "val_accuracy": correct.item() / data.valid_size}
+
+
+# What Oríon minimizes, computed from evaluate's metrics, and its name: Oríon keeps the name with
+# each value; the epoch lines, the report and the job's summary show it.
+OBJECTIVE = "1 - validation accuracy"
+
+
+def objective(metrics: dict[str, float]) -> float:
+    return 1.0 - metrics["val_accuracy"]
 
 
 # --- 4. The trial ---------------------------------------------------------------------------------
@@ -99,20 +107,18 @@ def evaluate(model, images, labels, data, trial) -> tuple[float, float]:
 
 def main() -> None:
     args = parse_args()
-    trial = Trial.start(args)  # Logging, seeds, the device; from here a stop signal is noted.
+    trial = Trial.start(args, OBJECTIVE, objective)  # Logging, seeds, the device; from here a stop signal is noted.
     with trial.failing_on_gpu_out_of_memory():
-        data = trial.load_data(dataset.load)  # Checked, split 90/10 (always the same), on the device.
+        data = trial.load_data(dataset.load)  # Checked, split (always the same), held on the device or streamed.
         model = trial.place(build_model(args, data))
         optimizer = build_optimizer(args, model, trial)
-        state = trial.resume_or_start(model, optimizer)  # From --checkpoint-dir, if it holds one.
-        step = trial.make_step(functools.partial(train_step, data=data, trial=trial, augment=args.augment),
-                               model, optimizer, data)
+        step = trial.make_step(train_step, model, optimizer, data)  # Checks the model's output against the data.
+        validate = functools.partial(evaluate, model, data, trial, args)
+        state = trial.resume_or_start(model, optimizer, validate)  # From --checkpoint-dir, if it holds one.
         while state.epoch < args.epochs and not state.diverged:
             trial.train_one_epoch(state, model, optimizer, step, data)  # On a stop signal: save, exit 130.
-            val_loss, val_accuracy = evaluate(model, data.valid_images, data.valid_labels, data, trial)
-            trial.end_epoch(state, model, optimizer, data, val_loss, val_accuracy)  # Log, metrics, checkpoint.
-    # A diverged run still reports: its poor accuracy is what the search must learn from.
-    trial.report(OBJECTIVE, 1.0 - trial.reported_epoch(state)["val_accuracy"])
+            trial.end_epoch(state, model, optimizer, validate())  # Log, metrics, checkpoint.
+    trial.report(state)  # The last epoch's objective; a diverged run's is its untrained model's.
 
 
 if __name__ == "__main__":

@@ -1054,25 +1054,30 @@ def device_time(records: list[dict]) -> tuple[float, str]:
 
 
 def learning_curves(trials, metrics: dict[str, list[dict]]):
-    """Validation accuracy against epochs, one line per trial with metrics (the best one bold)."""
+    """The objective (what main.py reports, under its name) against epochs, from each trial's
+    metrics.jsonl: one line per trial with metrics, the best one bold; epoch 0 is the untrained model."""
     import plotly.graph_objects as go
 
     best = best_trial(trials)
     max_epoch = max((r["epoch"] + 1 for records in metrics.values() for r in records), default=0)
+    names = {result.name for trial in trials for result in trial.results if result.type == "objective"}
+    name = names.pop() if len(names) == 1 else "objective"
     figure = go.Figure()
     for trial in trials:
         records = sorted(metrics.get(trial.id, []), key=lambda r: r["epoch"])
         if not records:
             continue
         is_best = best is not None and trial.id == best.id
+        untrained = [(0, records[0].get("untrained_objective"))] if records[0].get("epoch") == 0 else []
+        points = untrained + [(r["epoch"] + 1, r.get("objective")) for r in records]
         figure.add_trace(go.Scatter(
-            x=[r["epoch"] + 1 for r in records], y=[r.get("val_accuracy") for r in records],
+            x=[x for x, _ in points], y=[y for _, y in points],
             mode="lines+markers", name=f"{trial.id[:8]} ({trial.status})" + (" best" if is_best else ""),
             line=dict(width=4 if is_best else 1.5), marker=dict(size=6 if is_best else 4),
             opacity=1.0 if is_best else 0.6,
         ))
-    figure.update_layout(title="Learning curves: validation accuracy per epoch, one line per trial",
-                         xaxis_title="Epochs trained", yaxis_title="Validation accuracy", yaxis_tickformat=".0%",
+    figure.update_layout(title=f"Learning curves: {name} per epoch (Oríon minimizes it), one line per trial",
+                         xaxis_title="Epochs trained", yaxis_title=name,
                          xaxis_dtick=1 if max_epoch <= 20 else None,
                          showlegend=len(figure.data) <= 20, width=1000, height=600)
     return figure
@@ -1307,13 +1312,24 @@ def parse_args_refusal(main, argv: list[str]) -> str | None:
 
 def stage_data(args) -> int:
     """Stages the data set of main.py's data set module (--module FILE) in --destination: job.sh, step 2,
-    once per node. The module's `stage(destination, source)`, from $SOURCE_VARIABLE or its DEFAULT_SOURCE."""
+    once per node. The module's `stage(destination, source)`, from $SOURCE_VARIABLE or its DEFAULT_SOURCE,
+    after a check that the node has room for it: the module's `staged_bytes(source)`, else the
+    source's size (a file, or every file below a folder)."""
     spec = importlib.util.spec_from_file_location(Path(args.module).stem, args.module)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     source = Path(os.environ.get(module.SOURCE_VARIABLE) or module.DEFAULT_SOURCE)
+    destination = Path(args.destination)
     try:
-        module.stage(Path(args.destination), source)
+        destination.mkdir(parents=True, exist_ok=True)
+        needed = module.staged_bytes(source) if hasattr(module, "staged_bytes") else size_on_disk(source)
+        free = shutil.disk_usage(destination).free
+        if needed > free:
+            print(f"error: {destination} on {socket.gethostname()} has {free // 10**6:,} MB free, and staging "
+                  f"{Path(args.module).name}'s data set from {source} needs about {needed // 10**6 + 1:,} MB: "
+                  f"{more_space_advice(needed)}", file=sys.stderr)
+            return 1
+        module.stage(destination, source)
     except (OSError, ValueError) as error:  # cifar10.DataError is a ValueError.
         print(f"error: {error}" if isinstance(error, ValueError) else
               f"error: staging {Path(args.module).name}'s data set from {source} in {args.destination} failed "
@@ -1322,6 +1338,20 @@ def stage_data(args) -> int:
     print(f"Staged {Path(args.module).name}'s data set from {source} ({module.SOURCE_VARIABLE}) in "
           f"{args.destination} on {socket.gethostname()}", flush=True)
     return 0
+
+
+def size_on_disk(source: Path) -> int:
+    """Bytes of a file, or of every file below a folder (0 if it does not exist: the module says why)."""
+    if source.is_file():
+        return source.stat().st_size
+    return sum(path.stat().st_size for path in source.rglob("*") if path.is_file()) if source.is_dir() else 0
+
+
+def more_space_advice(needed: int) -> str:  # Under Slurm, or a dry run of job.sh.
+    if "SLURM_JOB_ID" in os.environ:
+        return (f"ask for nodes with more local disk (sbatch --tmp={needed // 10**6 + 1}M, where the cluster sets "
+                "it), or read the data in place (README, \"Data larger than memory\")")
+    return "export TMPDIR=a folder with more space (this dry run's $SLURM_TMPDIR is made there)"
 
 
 def split_priors(trial_command: list[str]) -> tuple[list[str], dict[str, str]]:

@@ -2,15 +2,16 @@
 
 - The command line's fixed part and its checks: one error line per mistake (`argument_parser`).
 - The device and its settings: bf16 autocast and channels_last on a GPU, float32 on a CPU.
-- The data on the device: the fixed train/validation split, normalization by the data set's
-  own statistics, a check of what the data set module returned.
+- The data (trial_data.py): what the data set module returns, checked against what it declares,
+  split, and served in batches on the device, held there whole or streamed from disk.
 - Checkpoints: everything that influences the result (model, optimizer, RNG states, the epoch's
   order and position) saved every epoch and on a stop signal, so a resumed trial reproduces the
   uninterrupted one exactly; written through a temporary name per host and process, then renamed.
 - Preemption: SIGTERM/SIGUSR1/SIGINT are noted, acted on between two steps: save, exit 130
   (Oríon then marks the trial `interrupted` and hands it, same folder, to the next worker).
-- metrics.jsonl (one JSON line per epoch: what plots, tests and benchmarks read), train.log,
-  and Oríon's results file ($ORION_RESULTS_PATH), written without importing Oríon.
+- The objective: main.py's `objective(metrics)` of each epoch's metrics, a diverged run's stand-in
+  value (`Trial.report`), metrics.jsonl (one JSON line per epoch: what plots, tests and benchmarks
+  read), train.log, and Oríon's results file ($ORION_RESULTS_PATH), written without importing Oríon.
 - The CUDA-graph replay of the training step (--cuda-graph), torch.compile (--compile).
 """
 
@@ -18,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -36,20 +38,18 @@ import rich.logging
 import torch
 from tqdm import tqdm
 
+from trial_data import FORMS, SPLIT_SEED, VALIDATION_FRACTION, Data, DataProblem, default_loader_workers  # noqa: F401
+
 logger = logging.getLogger("main")
 
-# Every trial is scored on the same validation images, whatever its --seed: else the objectives
-# that Oríon compares are not comparable. (Upstream's split: random_split with seed 42.)
-VALIDATION_FRACTION = 0.1
-SPLIT_SEED = 42
 # Oríon marks a trial that exits with this code `interrupted` (not `broken`) and hands it, with
 # the same working directory, to the next free worker. Oríon tells us the code it uses.
 INTERRUPTED_EXIT_CODE = int(os.environ.get("ORION_INTERRUPT_CODE", 130))
 # Arguments that may differ when a trial resumes from its checkpoint: a multi-fidelity algorithm
 # promotes a trial to more --epochs, and paths differ between nodes. Every other argument (every
 # hyperparameter, including one you add) must match the checkpoint's.
-MAY_CHANGE_ON_RESUME = {"epochs", "data_dir", "checkpoint_dir", "compile", "cuda_graph"}
-CHECKPOINT_FORMAT = 2  # Bump when the checkpoint's contents change.
+MAY_CHANGE_ON_RESUME = {"epochs", "data_dir", "checkpoint_dir", "compile", "cuda_graph", "loader_workers"}
+CHECKPOINT_FORMAT = 3  # Bump when the checkpoint's contents change.
 
 
 # --- The command line -----------------------------------------------------------------------------
@@ -85,6 +85,9 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                         help="replay the whole training step as one CUDA graph (CUDA only; see CudaGraphTrainStep)")
+    parser.add_argument("--loader-workers", type=int_at_least(0), default=default_loader_workers(),
+                        help="DataLoader worker processes, for a data set streamed from disk (default: the task's "
+                        "--cpus-per-task, $SLURM_CPUS_PER_TASK, else this machine's CPUs)")
     return parser
 
 
@@ -123,26 +126,6 @@ non_negative_float = number_in(0)
 # --- The trial: device, data, checkpoints, signals, metrics, report ------------------------------
 
 
-class Data:
-    """The training and validation images on the device, as uint8 (N, channels, height, width)."""
-
-    def __init__(self, train_images, train_labels, valid_images, valid_labels, classes: int, mean, std,
-                 memory_format):
-        self.train_images, self.train_labels = train_images, train_labels
-        self.valid_images, self.valid_labels = valid_images, valid_labels
-        self.classes = classes
-        # On the device once: a copy from Python to the GPU at every step would make the CPU
-        # wait for the GPU's queue, and cannot be captured in a CUDA graph.
-        channels = train_images.shape[1]
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=train_images.device).view(1, channels, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=train_images.device).view(1, channels, 1, 1)
-        self.memory_format = memory_format
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> standardized float32 images, in the model's memory format."""
-        return ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-
-
 @dataclasses.dataclass
 class TrainingState:
     """Where the run is, besides the model's and optimizer's own state."""
@@ -150,16 +133,18 @@ class TrainingState:
     epoch: int = 0  # Epochs completed.
     step: int = 0  # Steps done in the current epoch.
     diverged: bool = False
-    epoch_order: torch.Tensor | None = None  # The current epoch's shuffled image order.
-    train_loss_sum: torch.Tensor | None = None  # Summed over the current epoch's images so far.
+    epoch_order: torch.Tensor | None = None  # The current epoch's shuffled order of the training examples.
+    train_loss_sum: torch.Tensor | None = None  # Summed over the current epoch's examples so far.
     history: list[dict] = dataclasses.field(default_factory=list)  # One metrics record per epoch.
+    untrained_objective: float | None = None  # What a diverged run reports (see Trial.report).
 
 
 class Trial:
-    """One run of main.py: its arguments, device, folder, stop signal and clock."""
+    """One run of main.py: its arguments, objective, device, folder, stop signal and clock."""
 
-    def __init__(self, args):
+    def __init__(self, args, objective_name: str = "objective", objective=None):
         self.args, self.started = args, time.perf_counter()
+        self.objective_name, self.objective = objective_name, objective
         self.stop = StopSignal()  # Notes a signal once `start` installs it (not in tests and benchmarks).
         if torch.cuda.is_available():
             # bf16 autocast and channels_last are what the GPU's tensor cores are fast at; bf16 has
@@ -172,11 +157,12 @@ class Trial:
             self.device, self.use_bf16, self.memory_format = torch.device("cpu"), False, torch.contiguous_format
         self.use_cuda_graph = args.cuda_graph and self.device.type == "cuda" and not args.compile
         self.ready_seconds = self.epoch_started = self.train_seconds = 0.0
-        self.trained_images = 0
+        self.trained_examples = 0
 
     @classmethod
-    def start(cls, args) -> "Trial":
-        """Logging (and train.log in --checkpoint-dir), the stop signal, the seeds, the device."""
+    def start(cls, args, objective_name: str, objective) -> "Trial":
+        """Logging (and train.log in --checkpoint-dir), the stop signal, the seeds, the device.
+        `objective(metrics) -> float` is what Oríon minimizes, shown as `objective_name`."""
         setup_logging(args.checkpoint_dir)
         logger.info(f"Args: {json.dumps(vars(args), default=str)}")
         if "SLURM_JOB_ID" in os.environ:
@@ -184,7 +170,7 @@ class Trial:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        trial = cls(args)
+        trial = cls(args, objective_name, objective)
         trial.stop.install()
         return trial
 
@@ -212,58 +198,63 @@ class Trial:
             fail(out_of_memory_message(error, self.device))
 
     def load_data(self, load) -> Data:
-        """The data set module's `load(data_dir)`, checked, split 90/10 (fixed), on the device."""
+        """The data set module's `load(data_dir)`, checked against what it declares, split, ready to serve
+        batches on the device (trial_data.py). Whatever goes wrong is one error line."""
+        data_dir, module = self.args.data_dir, f"{Path(inspect.getsourcefile(load) or '?').name}"
         try:
-            loaded = load(self.args.data_dir)
-        except (OSError, ValueError) as error:  # cifar10.DataError is a ValueError.
-            fail(str(error))
+            loaded = load(data_dir)
+        except (OSError, ValueError) as error:  # The module's own messages (cifar10.DataError is a ValueError).
+            logger.debug("The data set's load() failed", exc_info=True)
+            fail(f"{error}" if isinstance(error, ValueError) and not isinstance(error, UnicodeError)
+                 else f"{module}'s load({data_dir}) failed: {one_line(error)}")
+        except Exception as error:  # A truncated or garbage file can raise almost anything (BadZipFile, pickle's).
+            logger.debug("The data set's load() failed", exc_info=True)
+            fail(f"{module}'s load({data_dir}) failed on a file it read: {one_line(error)}; check the files in "
+                 f"{data_dir} (stage them again) or the module's load()")
         if not isinstance(loaded, dict):
-            fail(f"the data set's load() returned a {type(loaded).__name__}: it must return a dict of images, "
-                 "labels, classes, mean and std (README, \"Make it yours\")")
+            fail(f"{module}'s load() returned a {type(loaded).__name__}: it must return a dict with {FORMS} "
+                 "(README, \"Make it yours\")")
         try:
-            images = torch.from_numpy(np.ascontiguousarray(loaded["images"]))
-            labels = torch.from_numpy(np.asarray(loaded["labels"], dtype=np.int64))
-            classes = int(loaded["classes"])
-            mean, std = tuple(map(float, loaded["mean"])), tuple(map(float, loaded["std"]))
-        except KeyError as error:
-            fail(f"the data set's load() returned no {error}: it must return a dict of images, labels, classes, "
-                 "mean and std (README, \"Make it yours\")")
-        except (TypeError, ValueError) as error:
-            fail(f"the data set's load() returned something main.py cannot use ({type(error).__name__}: {error}): "
-                 "images and labels as numpy arrays, classes a number, mean and std one number per channel")
-        problem = data_problem(images, labels, classes, mean, std)
-        if problem:
-            fail(f"the data in {self.args.data_dir} {problem}")
-        n_valid = int(VALIDATION_FRACTION * len(images))
-        n_train = len(images) - n_valid
-        if n_valid < 1 or n_train < 2:
-            fail(f"{self.args.data_dir} holds only {len(images)} training images: too few to split")
-        if self.args.batch_size > n_train:
-            fail(f"--batch-size {self.args.batch_size} is larger than the {n_train} training images: pass a smaller one")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
-        train, valid = order[:n_train], order[n_train:]
-        return Data(images[train].to(self.device), labels[train].to(self.device), images[valid].to(self.device),
-                    labels[valid].to(self.device), classes, mean, std, self.memory_format)
+            data = Data(loaded, self.device, self.memory_format, self.args.batch_size, self.args.loader_workers)
+        except DataProblem as problem:
+            fail(f"the data that {module} loads from {data_dir} {problem}")
+        except Exception as error:  # A streamed Dataset's first item, read to check it.
+            logger.debug("Reading the data set's first example failed", exc_info=True)
+            fail(f"reading the first example of {module}'s dataset from {data_dir} failed: {one_line(error)}")
+        logger.info(f"Data: {data.describe()}")
+        self.data = data
+        return data
 
-    def resume_or_start(self, model, optimizer) -> TrainingState:
-        """The state of --checkpoint-dir/checkpoint.pt, loaded into the model and optimizer, or a new one."""
+    def resume_or_start(self, model, optimizer, validate) -> TrainingState:
+        """The state of --checkpoint-dir/checkpoint.pt, loaded into the model and optimizer, or a new one.
+
+        A new run first scores its untrained model (`validate()`, one pass over the validation
+        set): what it reports should it diverge (see `report`).
+        """
         folder = self.args.checkpoint_dir
         checkpoint = load_checkpoint(folder / "checkpoint.pt", self.args) if folder else None
         if checkpoint is None:
-            return TrainingState()
+            metrics = validate()
+            untrained = self.objective_of(metrics)
+            if not math.isfinite(untrained):
+                fail(f"the objective of the untrained model is {untrained} ({format_metrics(metrics)}): evaluate() "
+                     "must give finite metrics before any training")
+            logger.info(f"Before training: {format_metrics(metrics)}; {self.objective_name}: {untrained:.4g}")
+            return TrainingState(untrained_objective=untrained)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         set_rng_states(checkpoint["rng"])
         state = TrainingState(**checkpoint["training_state"])
         if state.epoch_order is not None:
-            state.epoch_order, state.train_loss_sum = state.epoch_order.to(self.device), state.train_loss_sum.to(self.device)
+            state.epoch_order, state.train_loss_sum = self.data.order_to_device(state.epoch_order), \
+                state.train_loss_sum.to(self.device)
         logger.info(f"Resuming training at epoch {state.epoch}" + (f", step {state.step}" if state.step else ""))
         write_metrics(folder, state)  # In case the last run was killed before writing them.
         return state
 
     def make_step(self, train_step, model, optimizer, data: Data):
-        """`step(images, labels) -> summed loss`: train_step(model, optimizer, images, labels) as it is,
-        torch.compile'd (--compile), or replayed as a CUDA graph (--cuda-graph)."""
+        """`step(inputs, targets) -> summed loss`: main.py's train_step(model, optimizer, inputs, targets,
+        args, data, trial) as it is, torch.compile'd (--compile), or replayed as a CUDA graph (--cuda-graph)."""
         args = self.args
         if args.cuda_graph and not self.use_cuda_graph:
             logger.warning("--cuda-graph needs a GPU and no --compile: training without the graph")
@@ -271,13 +262,12 @@ class Trial:
             logger.warning("--compile needs a GPU: training without it")
         step_model = torch.compile(model, mode=args.compile) if args.compile and self.device.type == "cuda" else model
         check_model_output(model, data)
-        step = functools.partial(train_step, step_model, optimizer)
+        step = functools.partial(train_step, step_model, optimizer, args=args, data=data, trial=self)
         if self.use_cuda_graph:
-            step = CudaGraphTrainStep(step, optimizer, args.batch_size, data.train_images, data.train_labels)
+            step = CudaGraphTrainStep(step, optimizer, args.batch_size, *data.sample(1))
         self.ready_seconds = time.perf_counter() - self.started
-        logger.info(f"Training on {self.device.type}: {len(data.train_images)} training and {len(data.valid_images)} "
-                    f"validation images of shape {tuple(data.train_images.shape[1:])}, {data.classes} classes, "
-                    f"{steps_per_epoch(data, args)} steps per epoch; ready after {self.ready_seconds:.1f} s")
+        logger.info(f"Training on {self.device.type}: {steps_per_epoch(data, args)} steps per epoch; ready after "
+                    f"{self.ready_seconds:.1f} s")
         return step
 
     def train_one_epoch(self, state: TrainingState, model, optimizer, step, data: Data) -> None:
@@ -285,57 +275,63 @@ class Trial:
         self.epoch_started = time.perf_counter()
         model.train()
         if state.epoch_order is None:  # A fresh epoch (a resumed one keeps its saved order and loss sum).
-            state.epoch_order = torch.randperm(len(data.train_images), device=self.device)
+            state.epoch_order = data.new_epoch_order()
             state.train_loss_sum = torch.zeros((), device=self.device)
-        batch_size, n_steps = self.args.batch_size, steps_per_epoch(data, self.args)
-        self.trained_images = 0
+        n_steps = steps_per_epoch(data, self.args)
+        self.trained_examples = 0
         progress_bar = tqdm(total=n_steps, initial=state.step, desc=f"Train epoch {state.epoch}",
                             disable=not sys.stdout.isatty())  # No progress bars in Slurm's log files.
+        batches = data.train_batches(state.epoch_order, state.step)
         while state.step < n_steps and not self.stop.received:
-            batch = state.epoch_order[state.step * batch_size: (state.step + 1) * batch_size]
+            inputs, targets = next_batch(batches, data)
             state.step += 1
-            if len(batch) < 2:
-                continue  # The last batch holds one image: BatchNorm cannot train on it.
+            if len(inputs) < 2:
+                continue  # The last batch holds one example: BatchNorm cannot train on it.
             # Summed on the device: reading the loss every step would make the CPU wait for the
             # GPU. It is read once per epoch.
-            state.train_loss_sum += step(data.train_images[batch], data.train_labels[batch])
-            self.trained_images += len(batch)
+            state.train_loss_sum += step(inputs, targets)
+            self.trained_examples += len(inputs)
             progress_bar.update(1)
+        batches.close()  # A streamed epoch cut short by a signal: its workers stop reading ahead.
         progress_bar.close()
         if self.stop.received:
             self.save_and_exit_interrupted(state, model, optimizer)
-        # A diverged run (loss NaN or inf, e.g. a learning rate of 1.0) is still a valid result for
-        # Oríon: its poor accuracy is what the algorithm must learn from. (.item() waits for the GPU.)
+        # A diverged run (loss NaN or inf, e.g. a learning rate of 1.0) is still a result for
+        # Oríon: see `report`. (.item() waits for the GPU.)
         state.diverged = not torch.isfinite(state.train_loss_sum).item()
         self.train_seconds = time.perf_counter() - self.epoch_started
 
-    def end_epoch(self, state: TrainingState, model, optimizer, data: Data, val_loss: float,
-                  val_accuracy: float) -> None:
-        """Logs the epoch, adds its record to metrics.jsonl, saves the checkpoint; on to the next epoch."""
+    def end_epoch(self, state: TrainingState, model, optimizer, metrics: dict) -> None:
+        """Logs the epoch and its metrics (evaluate's), adds its record to metrics.jsonl, saves the checkpoint."""
         val_seconds = time.perf_counter() - self.epoch_started - self.train_seconds
+        objective = self.objective_of(metrics)
+        state.diverged = state.diverged or not math.isfinite(objective)
         if state.diverged:
-            logger.warning(f"Training diverged in epoch {state.epoch} (loss is not finite); stopping early")
-        logger.info(f"Epoch {state.epoch}: Val loss: {val_loss:.3f} accuracy: {val_accuracy:.2%}")
-        images_per_second = self.trained_images / self.train_seconds
-        logger.info(f"Epoch {state.epoch} trained in {self.train_seconds:.2f} s ({images_per_second:.0f} images/s), "
+            logger.warning(f"Training diverged in epoch {state.epoch} (loss or objective not finite); stopping early")
+        logger.info(f"Epoch {state.epoch}: {format_metrics(metrics)}; {self.objective_name}: {objective:.4g}")
+        examples_per_second = self.trained_examples / self.train_seconds
+        logger.info(f"Epoch {state.epoch} trained in {self.train_seconds:.2f} s ({examples_per_second:.0f} examples/s), "
                     f"validated in {val_seconds:.2f} s")
-        # Every image but a last batch of one, which train_one_epoch skips.
-        epoch_images = len(data.train_images) - (1 if len(data.train_images) % self.args.batch_size == 1 else 0)
+        data = self.data
+        # Every example but a last batch of one, which train_one_epoch skips.
+        epoch_examples = data.train_size - (1 if data.train_size % self.args.batch_size == 1 else 0)
         peak_host_gib, peak_gpu_gib = peak_memory_gib(self.device)
         state.history.append({
             "epoch": state.epoch,
-            "train_loss": finite_or_none(state.train_loss_sum.item() / epoch_images),
-            "val_loss": finite_or_none(val_loss),
-            "val_accuracy": val_accuracy,
+            "train_loss": finite_or_none(state.train_loss_sum.item() / epoch_examples),
+            **{name: finite_or_none(value) for name, value in metrics.items()},
+            "objective": finite_or_none(objective),
+            "untrained_objective": state.untrained_objective,  # What a diverged run reports.
             "train_seconds": self.train_seconds,  # This process's part of the epoch, if it resumed mid-epoch.
             "val_seconds": val_seconds,
-            "images_per_second": images_per_second,
-            "trained_images": self.trained_images,
-            "train_images": len(data.train_images),
-            "valid_images": len(data.valid_images),
+            "examples_per_second": examples_per_second,
+            "trained_examples": self.trained_examples,
+            "train_examples": data.train_size,
+            "valid_examples": data.valid_size,
             "ready_seconds": self.ready_seconds,  # main() started (after the imports) -> first training step.
             "seconds_since_start": time.perf_counter() - self.started,  # Of this process.
             "device": self.device.type,
+            "streamed": data.streamed,
             "peak_host_gib": peak_host_gib,
             "peak_gpu_gib": peak_gpu_gib,
             "diverged": state.diverged,
@@ -343,6 +339,22 @@ class Trial:
         })
         state.epoch, state.step, state.epoch_order, state.train_loss_sum = state.epoch + 1, 0, None, None
         save_checkpoint_and_metrics(self.args.checkpoint_dir, state, model, optimizer, self.args)
+
+    def objective_of(self, metrics) -> float:
+        """main.py's objective(metrics), checked: evaluate() returns a dict of named numbers."""
+        if not (isinstance(metrics, dict) and metrics and all(isinstance(k, str) for k in metrics)):
+            fail(f"evaluate() returned {type(metrics).__name__} {str(metrics)[:80]}: it must return a dict of "
+                 "metrics by name, e.g. {\"val_loss\": 0.52, \"val_accuracy\": 0.83}")
+        clashes = sorted(set(metrics) & RECORD_FIELDS)
+        if clashes:
+            fail(f"evaluate() returned a metric named {clashes[0]!r}, a name metrics.jsonl keeps for itself: rename "
+                 "it (e.g. val_" + clashes[0] + ")")
+        try:
+            metrics = {name: float(value) for name, value in metrics.items()}
+            return float(self.objective(metrics))
+        except (TypeError, ValueError, KeyError) as error:
+            fail(f"objective(metrics) failed on evaluate()'s metrics {sorted(metrics)} ({type(error).__name__}: "
+                 f"{error}): it must compute one number from them")
 
     def save_and_exit_interrupted(self, state, model, optimizer) -> NoReturn:
         save_and_exit_interrupted(self.args.checkpoint_dir, state, model, optimizer, self.args, self.stop.received)
@@ -354,54 +366,79 @@ class Trial:
             logger.info(f"The checkpoint already holds {len(state.history)} epochs; reporting epoch {self.args.epochs - 1}")
         return state.history[min(self.args.epochs, len(state.history)) - 1]
 
-    def report(self, name: str, objective: float) -> None:
-        """Reports the objective to Oríon under this name, and logs the trial's peak memory."""
-        report_objective(name, objective)
+    def report(self, state: TrainingState) -> None:
+        """Reports the last epoch's objective to Oríon, and logs the trial's peak memory.
+
+        A diverged run (a loss or metric not finite) reports its untrained model's objective: a
+        finite value, on the objective's own scale, no better than not training at all. That is
+        what the search must learn from it, and it keeps the trial `completed` (a crash would
+        make it `broken`, and enough of them stop the search at max_broken).
+        """
+        objective = self.reported_epoch(state)["objective"]
+        if objective is None:
+            objective = state.untrained_objective
+            logger.warning(f"The run diverged: reporting its untrained model's {self.objective_name}, {objective:.4g}")
+        report_objective(self.objective_name, objective)
         peak_host_gib, peak_gpu_gib = peak_memory_gib(self.device)  # To size --mem and --mem-per-gpu.
         logger.info(f"Peak memory: host {peak_host_gib:.2f} GiB, GPU {peak_gpu_gib:.2f} GiB")
 
 
-def data_problem(images: torch.Tensor, labels: torch.Tensor, classes: int, mean, std) -> str | None:
-    """What is wrong with a data set module's `load()` result, as the end of a sentence (None: nothing)."""
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        return (f"are {str(images.dtype).removeprefix('torch.')} images of shape {tuple(images.shape)}: main.py "
-                "wants uint8 images of shape (N, channels, height, width)")
-    channels = images.shape[1]
-    if len(mean) != channels or len(std) != channels:
-        return (f"have {channels} channel(s) (shape {tuple(images.shape[1:])}), but the data set's mean {mean} and "
-                f"std {std} have {len(mean)} and {len(std)} values: give one mean and one std per channel "
-                "(images channels first)")
-    if min(std) <= 0:
-        return f"have a std of {min(std)} in the data set's std {std}: each channel's std must be positive"
-    if labels.shape != (len(images),):
-        return f"have {len(images)} images but labels of shape {tuple(labels.shape)}: one label per image"
-    if classes < 2 or (len(labels) and (labels.min() < 0 or labels.max() >= classes)):
-        return (f"have labels from {int(labels.min())} to {int(labels.max())}, but {classes} classes need labels in "
-                f"0..{classes - 1}")
-    return None
+# What each metrics.jsonl record holds besides evaluate()'s metrics.
+RECORD_FIELDS = {"epoch", "train_loss", "objective", "untrained_objective", "train_seconds", "val_seconds", "examples_per_second",
+                 "trained_examples", "train_examples", "valid_examples", "ready_seconds", "seconds_since_start",
+                 "device", "streamed", "peak_host_gib", "peak_gpu_gib", "diverged", "end_time"}
+
+
+def format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{name}: {float(value):.4g}" for name, value in metrics.items())
+
+
+def one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
+def next_batch(batches, data: Data):
+    """The next training batch; a streamed Dataset's error in a worker process is one error line."""
+    try:
+        return next(batches)
+    except Exception as error:
+        if not data.streamed:
+            raise
+        logger.debug("Reading a batch failed", exc_info=True)
+        # The DataLoader re-raises a worker's error with the worker's whole traceback in its message.
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        fail(f"reading a training batch from the data set failed: {lines[-1].strip() if lines else one_line(error)}")
 
 
 @torch.no_grad()
 def check_model_output(model, data: Data) -> None:
-    """The model takes two of the data's images and gives `data.classes` values each: else one error
-    line now, rather than a traceback in every trial (or, worse, a model that trains on a wrong
-    number of classes without a word). In eval mode: no dropout, BatchNorm's statistics untouched."""
+    """The model takes two of the data's inputs and gives `data.classes` scores each (a classification)
+    or one output shaped like a target (a regression): else one error line now, rather than a
+    traceback in every trial or, worse, a loss that broadcasts a wrong shape without a word. In eval
+    mode: no dropout, BatchNorm's statistics untouched."""
+    inputs, targets = data.sample(2)
     was_training = model.training
     model.eval()
     try:
-        logits = model(data.normalize(data.train_images[:2]))
+        outputs = model(data.prepare(inputs))
     except RuntimeError as error:
-        fail(f"build_model's model cannot take the data's images of shape {tuple(data.train_images.shape[1:])} "
-             f"({' '.join(str(error).split())[:300]}): make its first layer fit them")
+        fail(f"build_model's model cannot take the data's inputs of shape {tuple(inputs.shape[1:])} "
+             f"{str(inputs.dtype).removeprefix('torch.')} ({' '.join(str(error).split())[:300]}): make its first "
+             "layer fit them")
     finally:
         model.train(was_training)
-    if tuple(logits.shape) != (2, data.classes):
-        fail(f"build_model's model gives outputs of shape {tuple(logits.shape[1:])} per image, and the data set has "
+    per_example = tuple(getattr(outputs, "shape", (None,))[1:])
+    if data.classes is not None and tuple(outputs.shape) != (2, data.classes):
+        fail(f"build_model's model gives outputs of shape {per_example} per example, and the data set has "
              f"{data.classes} classes: make its last layer give data.classes values")
+    if data.classes is None and tuple(outputs.shape) != tuple(targets.shape):
+        fail(f"build_model's model gives outputs of shape {per_example} per example, and the data set's targets "
+             f"have shape {tuple(targets.shape[1:])}: make them match (e.g. .squeeze(-1) for one number), or a "
+             "loss would broadcast them silently")
 
 
 def steps_per_epoch(data: Data, args) -> int:
-    return math.ceil(len(data.train_images) / args.batch_size)
+    return math.ceil(data.train_size / args.batch_size)
 
 
 # --- Checkpoints ----------------------------------------------------------------------------------
@@ -539,27 +576,27 @@ class CudaGraphTrainStep:
 
     EAGER_STEPS_BEFORE_CAPTURE = 3  # Allocate cuDNN/cuBLAS workspaces and the optimizer state.
 
-    def __init__(self, eager_step, optimizer, batch_size: int, images: torch.Tensor, labels: torch.Tensor):
+    def __init__(self, eager_step, optimizer, batch_size: int, inputs: torch.Tensor, targets: torch.Tensor):
         self.eager_step, self.optimizer, self.batch_size = eager_step, optimizer, batch_size
-        self.images = images.new_zeros((batch_size, *images.shape[1:]))
-        self.labels = labels.new_zeros((batch_size, *labels.shape[1:]))
+        self.inputs = inputs.new_zeros((batch_size, *inputs.shape[1:]))
+        self.targets = targets.new_zeros((batch_size, *targets.shape[1:]))
         self.graph, self.loss, self.eager_steps, self.failed = None, None, 0, False
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if len(images) != self.batch_size or self.failed:
-            return self.eager_step(images, labels)
+    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != self.batch_size or self.failed:
+            return self.eager_step(inputs, targets)
         if self.graph is None and self.eager_steps < self.EAGER_STEPS_BEFORE_CAPTURE:
             self.eager_steps += 1
             side_stream = torch.cuda.Stream()
             side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side_stream):
-                loss = self.eager_step(images, labels)
+                loss = self.eager_step(inputs, targets)
             torch.cuda.current_stream().wait_stream(side_stream)
             return loss
         if self.graph is None and not self.capture():
-            return self.eager_step(images, labels)
-        self.images.copy_(images)
-        self.labels.copy_(labels)
+            return self.eager_step(inputs, targets)
+        self.inputs.copy_(inputs)
+        self.targets.copy_(targets)
         self.graph.replay()
         return self.loss  # Overwritten by the next replay: the caller adds it up at once.
 
@@ -568,7 +605,7 @@ class CudaGraphTrainStep:
             graph = torch.cuda.CUDAGraph()
             self.optimizer.zero_grad(set_to_none=True)  # Gradients then live in the graph's memory pool.
             with torch.cuda.graph(graph):
-                self.loss = self.eager_step(self.images, self.labels)
+                self.loss = self.eager_step(self.inputs, self.targets)
         except Exception as error:  # Capture refuses any host sync or CPU-GPU copy inside the step.
             logger.warning(f"Could not capture the training step in a CUDA graph ({type(error).__name__}: "
                            f"{error}); training without it")

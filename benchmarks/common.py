@@ -113,8 +113,8 @@ def upstream_command(data_dir: Path, epochs: int, *extra) -> list:
 
 # Every line of metrics.jsonl holds these (main.py's record; upstream_main.py writes the same).
 METRICS_KEYS = [
-    "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "val_seconds", "images_per_second",
-    "trained_images", "train_images", "valid_images", "ready_seconds", "seconds_since_start", "device",
+    "epoch", "train_loss", "val_loss", "val_accuracy", "train_seconds", "val_seconds", "examples_per_second",
+    "trained_examples", "train_examples", "valid_examples", "ready_seconds", "seconds_since_start", "device",
     "peak_host_gib", "peak_gpu_gib", "diverged", "end_time",
 ]
 

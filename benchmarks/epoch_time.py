@@ -71,7 +71,7 @@ def main():
         rows.append([
             name, trial.last["device"], trial.train_seconds[0], later,
             trial.train_seconds[0] - later if later is not None else None,
-            common.fmt(common.median(e["images_per_second"] for e in trial.epochs[1:] or trial.epochs), 0),
+            common.fmt(common.median(e["examples_per_second"] for e in trial.epochs[1:] or trial.epochs), 0),
             common.median(e["val_seconds"] for e in trial.epochs), common.fmt(trial.start_to_first_step, 1),
             common.fmt(trial_s, 1), common.ratio(common.median(upstream.train_seconds[1:]), later),
             common.ratio(upstream.start_to_objective, trial_s),
@@ -84,7 +84,7 @@ def main():
             notes.append(f"{name}: epoch {epoch_x:.1f}x (target >= 5x: {common.verdict(epoch_x >= 5)}), "
                          f"whole trial {trial_x:.1f}x (target >= 3x: {common.verdict(trial_x >= 3)}) upstream's speed")
     notes = [
-        f"{upstream.last['train_images']:,} training and {upstream.last['valid_images']:,} validation images, batch 128, {epochs} "
+        f"{upstream.last['train_examples']:,} training and {upstream.last['valid_examples']:,} validation images, batch 128, {epochs} "
         "epoch(s); seconds; later epochs: median of epochs 1..N-1; first-epoch extra: epoch 0 minus that median",
         "start -> 1st step / -> objective: from the process's start to its first training step / to the results "
         "file written; x upstream: upstream's seconds / ours (later epochs' train s; whole trial)",

@@ -52,8 +52,8 @@ def main():
             if devices != {"cuda"} and not args.cpu:
                 sys.exit(f"gpu_concurrency: the trials trained on {', '.join(devices)}, not on the GPU")
             span = max(t.last["end_time"] for t in trials) - min(t.first_step_wall for t in trials)
-            images = sum(e["trained_images"] for t in trials for e in t.epochs)
-            sum_rate = sum(t.last["images_per_second"] for t in trials)
+            images = sum(e["trained_examples"] for t in trials for e in t.epochs)
+            sum_rate = sum(t.last["examples_per_second"] for t in trials)
             single_rate = single_rate or (sum_rate if count == 1 else None)
             rows.append([
                 count, devices.pop(), common.fmt(span, 1), common.fmt(images / span, 0), common.fmt(sum_rate, 0),
@@ -65,7 +65,7 @@ def main():
         ["trials", "device", "wall s", "wall images/s", "sum images/s", "sum vs 1 trial", "last epoch s (median)",
          "peak GPU GiB/trial", "peak host GiB/trial"],
         rows,
-        [f"{trials[0].last['train_images']:,} training images per trial, {epochs} epoch(s), main.py "
+        [f"{trials[0].last['train_examples']:,} training images per trial, {epochs} epoch(s), main.py "
          f"{' '.join(main_options) or '(defaults)'}; wall: from the first trial's first step to the last trial's "
          "last epoch end; sum: of the trials' last-epoch images/s"],
     )

@@ -2,7 +2,7 @@
 
 Ours (the code main.py runs): the training set is loaded once as a uint8 tensor on the device
 (`Trial.load_data(dataset.load)`, main.py's data set module); each batch indexes it with a
-shuffled permutation and normalizes it with `Data.normalize` (optionally augments it first with
+shuffled permutation and standardizes it with `Data.prepare` (optionally augments it first with
 `dataset.augment`, as main.py's `train_step` does with --augment). Upstream's design: a
 DataLoader over torchvision's CIFAR10 with `ToTensor`, shuffle=True, 1 and 4 workers and the
 task's CPU count, each batch moved with `.to(device)`. One epoch of each; ours repeats epochs
@@ -29,17 +29,10 @@ def synchronize(torch, device):
 
 
 def time_ours(torch, dataset, data, device, with_augment: bool, min_seconds: float):
-    images, labels = data.train_images, data.train_labels
-    n = len(images)
-
     def one_epoch():
-        order = torch.randperm(n, device=device)
         batches = 0
-        for start in range(0, n, BATCH_SIZE):
-            index = order[start : start + BATCH_SIZE]
-            x = images[index]
-            x = data.normalize(dataset.augment(x) if with_augment else x)  # As main.train_step.
-            y = labels[index]
+        for x, y in data.train_batches(data.new_epoch_order(), 0):  # As Trial.train_one_epoch.
+            x = data.prepare(dataset.augment(x) if with_augment else x)  # As main.train_step.
             batches += 1
         return batches, x, y
 
@@ -96,7 +89,7 @@ def main():
     data = trial.load_data(ours.dataset.load)
     synchronize(torch, device)
     load_seconds = time.perf_counter() - start
-    n_train = len(data.train_images)
+    n_train = data.train_size
     for with_augment in (False, True):
         batches, seconds = time_ours(torch, ours.dataset, data, device, with_augment, min_seconds)
         name = "ours: uint8 on the device, index + normalize" + (" + augment" if with_augment else "")

@@ -83,15 +83,15 @@ def main():
         images = torch.randint(0, 256, (8 * batch, 3, 32, 32), dtype=torch.uint8, device=device)
         labels = torch.randint(0, 10, (8 * batch,), device=device)
         # CIFAR-10's shape and classes; any mean and std time the same.
-        data = Data(images, labels, images, labels, classes=10, mean=(128.0,) * 3, std=(64.0,) * 3,
-                    memory_format=trial.memory_format)
+        data = Data({"inputs": images, "targets": labels, "valid_inputs": images, "valid_targets": labels,
+                     "classes": 10, "mean": (128.0,) * 3, "std": (64.0,) * 3},
+                    device, trial.memory_format, batch, loader_workers=0)
         model = trial.place(ours.build_model(main_args, data))
         if upstream:
             optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)  # upstream_main.py's
         else:
             optimizer = ours.build_optimizer(main_args, model, trial)
-        step = trial.make_step(functools.partial(ours.train_step, data=data, trial=trial, augment=main_args.augment),
-                               model, optimizer, data)
+        step = trial.make_step(ours.train_step, model, optimizer, data)
         model.train()
         first = time_steps(step, images, labels, batch, args.warmup)
         per_step = time_steps(step, images, labels, batch, steps, offset=args.warmup) / steps

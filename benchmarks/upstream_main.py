@@ -228,8 +228,8 @@ def main():
             history.append({
                 "epoch": epoch, "train_loss": None, "val_loss": val_loss, "val_accuracy": val_accuracy.item(),
                 "train_seconds": train_seconds, "val_seconds": time.perf_counter() - epoch_start - train_seconds,
-                "images_per_second": len(train_dataset) / train_seconds, "trained_images": len(train_dataset),
-                "train_images": len(train_dataset), "valid_images": len(valid_dataset),
+                "examples_per_second": len(train_dataset) / train_seconds, "trained_examples": len(train_dataset),
+                "train_examples": len(train_dataset), "valid_examples": len(valid_dataset),
                 "ready_seconds": ready_seconds, "seconds_since_start": time.perf_counter() - start_time,
                 "device": device.type,
                 "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

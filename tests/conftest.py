@@ -51,13 +51,14 @@ def standin_hunt_command(experiment: str, config: Path, working_dir: Path, *tria
 
 # The human line main.py logs per epoch, a format kept for people who grep it; everything else
 # that tests check about an epoch comes from the trial's metrics.jsonl (`read_metrics`).
-EPOCH_LINE = re.compile(r"Epoch (\d+): Val loss: (\S+) accuracy: (\d+\.\d\d)%")
+EPOCH_LINE = re.compile(r"^Epoch (\d+): (.*); ([^;\n]+): (\S+)$", re.M)  # The metrics, then the objective.
 OBJECTIVE_LINE = re.compile(rf"Objective \({re.escape(main.OBJECTIVE)}\): \S+")
 
 
-def write_sample(folder: Path, images: int = 500) -> Path:
-    """The data set's small generated sample, in its own format (what job.sh stages): its path."""
-    return main.dataset.write_sample(Path(folder), images=images)
+def write_sample(folder: Path, size: int | None = None) -> Path:
+    """The data set's small generated sample, in its own format (what job.sh stages): its path.
+    `size`: how many examples (the module's default if None)."""
+    return main.dataset.write_sample(Path(folder), *([size] if size else []))
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +66,7 @@ def data_dir(tmp_path_factory) -> Path:
     """A --data-dir holding the data set's sample, staged as job.sh stages it (read-only use:
     copy it before changing it). Small enough for a CPU epoch of a few seconds."""
     folder = tmp_path_factory.mktemp("data")
+    (folder / "staged").mkdir()
     main.dataset.stage(folder / "staged", write_sample(folder / "source"))
     return folder / "staged"
 
@@ -271,10 +273,10 @@ def read_trials(database: Path, experiment: str | None = None) -> list[dict]:
 # --- Submitting job.sh ------------------------------------------------------------------
 
 
-def make_job_env(folder: Path, images: int = 500) -> dict:
+def make_job_env(folder: Path, size: int | None = None) -> dict:
     """What a user has: $SCRATCH, a home for Oríon's global config, the data set where job.sh stages it from."""
     return {"SCRATCH": folder / "scratch", "XDG_CONFIG_HOME": folder / "config",
-            main.dataset.SOURCE_VARIABLE: write_sample(folder / "datasets", images)}
+            main.dataset.SOURCE_VARIABLE: write_sample(folder / "datasets", size)}
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ The only tests that know CIFAR-10: a module of your own data set gets tests like
 import multiprocessing
 import pickle
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 import cifar10
 from cifar10_lookalike import dumps_py2, write_cifar10_archive, write_cifar10_lookalike
-from conftest import REPO_ROOT, clean_env
+from conftest import OBJECTIVE_LINE, REPO_ROOT, clean_env, readme_commands
 
 IMAGES_PER_BATCH = 100
 
@@ -34,13 +35,13 @@ def data_copy(batches_dir, tmp_path):
 
 def test_loads_the_five_training_batches_of_the_official_format(batches_dir):
     loaded = cifar10.load(batches_dir)
-    assert loaded["images"].shape == (5 * IMAGES_PER_BATCH, 3, 32, 32)
-    assert (loaded["images"].dtype, loaded["labels"].dtype) == (np.uint8, np.int64)
-    assert set(loaded["labels"].tolist()) <= set(range(10))
+    assert loaded["inputs"].shape == (5 * IMAGES_PER_BATCH, 3, 32, 32)
+    assert (loaded["inputs"].dtype, loaded["targets"].dtype) == (np.uint8, np.int64)
+    assert set(loaded["targets"].tolist()) <= set(range(10))
     assert (loaded["classes"], len(loaded["mean"]), len(loaded["std"])) == (10, 3, 3)
     raw = np.concatenate([cifar10.load_batch_file(batches_dir / "cifar-10-batches-py" / f"data_batch_{i}")[0]
                           for i in range(1, 6)])
-    assert np.array_equal(loaded["images"], raw)  # test_batch is not among them.
+    assert np.array_equal(loaded["inputs"], raw)  # test_batch is not among them.
 
 
 def test_extracts_the_archive_once_even_with_concurrent_readers(tmp_path):
@@ -137,7 +138,7 @@ def test_stage_copies_and_extracts_the_archive(tmp_path):
     result = stage(tmp_path / "node", source)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "node").iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
-    assert len(cifar10.load(tmp_path / "node")["images"]) == 100
+    assert len(cifar10.load(tmp_path / "node")["inputs"]) == 100
 
 
 def test_missing_archive_offline_names_cifar10_archive(tmp_path):
@@ -167,7 +168,28 @@ def test_slurm_tmpdir_without_space_is_refused(tmp_path):
         file.truncate(shutil.disk_usage(tmp_path).free + 10**9)
     result = stage(tmp_path / "node", archive, SLURM_TMPDIR=tmp_path / "node")
     assert result.returncode == 1
-    assert re.fullmatch(rf"error: SLURM_TMPDIR={tmp_path}/node on \S+ has \d+ MB free, and staging CIFAR-10 needs "
-                        r"about \d+ MB \(the archive and its extracted files\): export TMPDIR=.*\n", result.stderr), \
-        result.stderr
+    assert re.fullmatch(rf"error: {tmp_path}/node on \S+ has [\d,]+ MB free, and staging cifar10.py's data set from "
+                        rf"{archive} needs about [\d,]+ MB: export TMPDIR=.*\n", result.stderr), result.stderr
     assert not list((tmp_path / "node").iterdir())  # Nothing copied.
+
+
+# --- The README's commands for this data set ------------------------------------------------------
+
+
+def test_readme_commands_for_main_py_work_as_written(tmp_path):
+    commands = readme_commands("uv run python")
+    assert [c.split()[3] for c in commands] == ["cifar10.py", "main.py"]
+    data = REPO_ROOT / "data"
+    owned = not data.exists()  # Never touch a data/ folder of the user's: use a temporary one.
+    try:
+        outputs = []
+        for command in commands:
+            argv = [str(tmp_path / "data") if a == "data" and not owned else a for a in shlex.split(command)]
+            result = subprocess.run(argv, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
+                                    timeout=600)
+            assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+            outputs.append(result.stdout)
+        assert OBJECTIVE_LINE.search(outputs[-1])
+    finally:
+        if owned:
+            shutil.rmtree(data, ignore_errors=True)

@@ -55,7 +55,7 @@ def test_five_workers_share_one_gpu_concurrently(slurm_env, job_env, tmp_path):
     [command] = [c for c in readme_commands("sbatch") if "--ntasks-per-gpu=5 --cpus-per-task" in c]
     args = [a for a in shlex.split(command)[1:] if not a.startswith("--array")]
     # Small data, small batches: five trials share this machine's two cores.
-    job_env = make_job_env(tmp_path, images=100)
+    job_env = make_job_env(tmp_path, size=100)
     code, output = sbatch_wait(slurm_env, job_env, tmp_path, *args, "--epochs", "1", "--batch-size", "32",
                                ORION_MAX_TRIALS=5)
     assert code == 0, output

@@ -18,7 +18,7 @@ def asha_search(slurm_env, tmp_path_factory):
     Returns Oríon's trials and, by trial id, the records of its metrics.jsonl.
     """
     tmp_path = tmp_path_factory.mktemp("asha")
-    job_env = make_job_env(tmp_path, images=100)
+    job_env = make_job_env(tmp_path, size=100)
     code, output = sbatch_wait(slurm_env, job_env, tmp_path, "--array=1-2", "job.sh", "--batch-size", "32",
                                ALGORITHM="asha", ORION_MAX_TRIALS=8)
     assert code == 0, output

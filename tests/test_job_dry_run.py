@@ -106,7 +106,7 @@ def test_rerun_with_a_larger_budget_and_other_workers_extends_the_search(dry_run
 def test_rerun_of_an_asha_search_extends_it(tmp_path):
     # What the second job of an ASHA array does: continue the experiment with its algorithm's
     # stored configuration, whose `repetitions` is infinite.
-    job_env = make_job_env(tmp_path, images=100)
+    job_env = make_job_env(tmp_path, size=100)
     for budget in (1, 2):
         result = bash_job(job_env, "--batch-size", "32", ALGORITHM="asha", ORION_MAX_TRIALS=budget)
         assert result.returncode == 0, result.stdout + result.stderr

@@ -37,7 +37,7 @@ def uninterrupted(data_dir, tmp_path_factory):
 
 def learning_curve(trial_dir) -> list[tuple]:
     """What must not change when a run is interrupted and resumed: its per-epoch results."""
-    return [(r["epoch"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in read_metrics(trial_dir)]
+    return [(r["epoch"], r["train_loss"], r["objective"], r["untrained_objective"]) for r in read_metrics(trial_dir)]
 
 
 def test_sigterm_mid_epoch_then_resume_reproduces_the_run(data_dir, tmp_path, uninterrupted):

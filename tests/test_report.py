@@ -134,9 +134,13 @@ def test_learning_curves_are_the_metrics_files(search):
     figure = orion_tools.learning_curves(
         trials, {t.id: orion_tools.read_metrics(search["trials_dir"] / t.id) for t in trials})
     plotted = {trace.name[:8]: list(trace.y) for trace in figure.data}
-    expected = {trial_id[:8]: [r["val_accuracy"] for r in sorted(records, key=lambda r: r["epoch"])]
+    curve = lambda records: ([records[0]["untrained_objective"]] if records[0]["epoch"] == 0 else []) + [  # noqa: E731
+        r["objective"] for r in records]
+    expected = {trial_id[:8]: curve(sorted(records, key=lambda r: r["epoch"]))
                 for trial_id, records in metrics_files(search["trials_dir"]).items()}
     assert plotted == expected
+    names = {r.name for t in trials for r in t.results if r.type == "objective"}
+    assert figure.layout.yaxis.title.text == names.pop()  # The objective's own name, not "accuracy".
 
 
 # --- summary: cheap, one or two lines ------------------------------------------------------------
@@ -183,7 +187,7 @@ def under_way(tmp_path) -> Path:
     done = experiment.insert(params={"lr": 1e-3}, results=[{"name": "objective", "type": "objective", "value": 0.3}])
     (tmp_path / "exp" / done.id).mkdir(parents=True)
     (tmp_path / "exp" / done.id / "metrics.jsonl").write_text("".join(
-        json.dumps({"epoch": e, "val_accuracy": 0.5 + e / 10, "train_seconds": 10.0, "val_seconds": 1.0,
+        json.dumps({"epoch": e, "objective": 0.5 - e / 10, "train_seconds": 10.0, "val_seconds": 1.0,
                     "end_time": 1000.0 + e, "device": "cuda"}) + "\n" for e in range(2)))
     running = experiment.insert(params={"lr": 1e-2})
     experiment.storage.set_trial_status(running, status="reserved")
