@@ -60,8 +60,12 @@ class Data:
     as stored into the model's input.
     """
 
-    def __init__(self, loaded: dict, device: torch.device, memory_format, batch_size: int, loader_workers: int):
+    def __init__(self, loaded: dict, device: torch.device, memory_format, batch_size: int, loader_workers: int,
+                 on_read_error=None):
         self.device, self.batch_size = device, batch_size
+        # A streamed example that cannot be read (in a worker process): one line, not the
+        # DataLoader's message, which carries the worker's whole traceback. Trial: its `fail`.
+        self.on_read_error = on_read_error
         self.classes = declared_classes(loaded)
         self.streamed = "dataset" in loaded
         if self.streamed:
@@ -81,10 +85,11 @@ class Data:
             self.train_batches_to_read: list[list[int]] = []
             self.train_loader = torch.utils.data.DataLoader(
                 train, batch_sampler=_BatchesToRead(self), num_workers=loader_workers,
-                pin_memory=device.type == "cuda", persistent_workers=True, generator=torch.Generator())
+                pin_memory=device.type == "cuda", persistent_workers=loader_workers > 0,
+                generator=torch.Generator())
             self.valid_loader = torch.utils.data.DataLoader(
                 valid, batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda",
-                persistent_workers=True, generator=torch.Generator())
+                persistent_workers=loader_workers > 0, generator=torch.Generator())
             self.resident_bytes = 0
         else:
             inputs, targets, valid_inputs, valid_targets = resident_split(loaded)
@@ -144,8 +149,7 @@ class Data:
                 yield self.train_inputs[batch], self.train_targets[batch]
             return
         self.train_batches_to_read = [order[start:start + self.batch_size].tolist() for start in starts]
-        for inputs, targets in self.train_loader:
-            yield self.to_device(inputs, targets)
+        yield from self.read(self.train_loader, "training")
 
     def valid_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every validation example once, in batches of --batch-size, on the device."""
@@ -154,7 +158,22 @@ class Data:
                 yield (self.valid_inputs[start:start + self.batch_size],
                        self.valid_targets[start:start + self.batch_size])
             return
-        for inputs, targets in self.valid_loader:
+        yield from self.read(self.valid_loader, "validation")
+
+    def read(self, loader, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(loader)
+        while True:
+            try:
+                inputs, targets = next(batches)
+            except StopIteration:
+                return
+            except Exception as error:
+                if self.on_read_error is None:
+                    raise
+                logger.debug(f"Reading a {split} batch failed", exc_info=True)
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                self.on_read_error(f"reading a {split} batch of the data set failed: "
+                                   f"{lines[-1] if lines else type(error).__name__}")
             yield self.to_device(inputs, targets)
 
     def sample(self, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -203,19 +203,18 @@ class Trial:
         data_dir, module = self.args.data_dir, f"{Path(inspect.getsourcefile(load) or '?').name}"
         try:
             loaded = load(data_dir)
-        except (OSError, ValueError) as error:  # The module's own messages (cifar10.DataError is a ValueError).
-            logger.debug("The data set's load() failed", exc_info=True)
-            fail(f"{error}" if isinstance(error, ValueError) and not isinstance(error, UnicodeError)
-                 else f"{module}'s load({data_dir}) failed: {one_line(error)}")
         except Exception as error:  # A truncated or garbage file can raise almost anything (BadZipFile, pickle's).
             logger.debug("The data set's load() failed", exc_info=True)
-            fail(f"{module}'s load({data_dir}) failed on a file it read: {one_line(error)}; check the files in "
-                 f"{data_dir} (stage them again) or the module's load()")
+            # The module's own message names the file (cifar10.DataError); any other gets named here.
+            named = isinstance(error, ValueError) and str(data_dir) in str(error)
+            fail(str(error) if named else f"{module}'s load({data_dir}) failed: {one_line(error)}; check the files "
+                 f"there (stage them again) or the module's load()")
         if not isinstance(loaded, dict):
             fail(f"{module}'s load() returned a {type(loaded).__name__}: it must return a dict with {FORMS} "
                  "(README, \"Make it yours\")")
         try:
-            data = Data(loaded, self.device, self.memory_format, self.args.batch_size, self.args.loader_workers)
+            data = Data(loaded, self.device, self.memory_format, self.args.batch_size, self.args.loader_workers,
+                        on_read_error=fail)
         except DataProblem as problem:
             fail(f"the data that {module} loads from {data_dir} {problem}")
         except Exception as error:  # A streamed Dataset's first item, read to check it.
@@ -283,7 +282,7 @@ class Trial:
                             disable=not sys.stdout.isatty())  # No progress bars in Slurm's log files.
         batches = data.train_batches(state.epoch_order, state.step)
         while state.step < n_steps and not self.stop.received:
-            inputs, targets = next_batch(batches, data)
+            inputs, targets = next(batches)
             state.step += 1
             if len(inputs) < 2:
                 continue  # The last batch holds one example: BatchNorm cannot train on it.
@@ -395,19 +394,6 @@ def format_metrics(metrics: dict) -> str:
 
 def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
-
-
-def next_batch(batches, data: Data):
-    """The next training batch; a streamed Dataset's error in a worker process is one error line."""
-    try:
-        return next(batches)
-    except Exception as error:
-        if not data.streamed:
-            raise
-        logger.debug("Reading a batch failed", exc_info=True)
-        # The DataLoader re-raises a worker's error with the worker's whole traceback in its message.
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        fail(f"reading a training batch from the data set failed: {lines[-1].strip() if lines else one_line(error)}")
 
 
 @torch.no_grad()
