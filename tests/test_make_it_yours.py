@@ -1,10 +1,13 @@
-"""README's "Make it yours" worked example, applied as written there to a copy of the project.
+"""README's "Make it yours" worked examples, each applied as written there to a copy of the project.
 
-Another data set (one channel, 8x8 pixels, 5 classes, in a .npz file), a small CNN, and one new
-hyperparameter that the model uses (--dropout), searched by Oríon: the README's new module and
-its diff to main.py and job.sh. On the copy: a trial, a resume after SIGTERM, the dry run of the
-search, and a bad value. If the README's example and the code drift apart, the diff no longer
-applies, or what it builds fails here.
+Three kinds of research: digits (small images held on the device, a small CNN, --dropout), a
+regression on a CSV of float features (an MLP, a Huber loss whose --huber-delta is searched, the
+validation MSE as the objective) and a folder of photos streamed from disk by torchvision's
+ImageFolder (its own validation split, --label-smoothing in the loss). For each: the README's new
+module and its diff to main.py and job.sh, applied to a copy; then a trial, a resume after SIGTERM,
+the dry run of the search, a bad value, a prior too wide, and the pipeline tests
+(tests/test_main.py), unchanged, on the new data. If the README's examples and the code drift
+apart, the diff no longer applies, or what it builds fails here.
 """
 
 import re
@@ -14,33 +17,57 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import README, REPO_ROOT, clean_env, read_metrics, read_trials
+from trial_support import RECORD_FIELDS
 
 
-def worked_example() -> tuple[str, str, str]:
-    """(the new module's name, its code, the diff), from the README's worked example."""
-    section = README.read_text().split("### A worked example")[1].split("\n## ")[0]
+@dataclass
+class Example:
+    heading: str  # The start of its README heading, after "### Worked example: ".
+    trial: list  # main.py's arguments for a short trial that learns.
+    shape: str  # The Data: line's description of the inputs and targets.
+    new_argument: str  # The hyperparameter it adds, which Oríon searches.
+    bad_value: str
+    refusal: str
+    prior: str  # As in job.sh's priors.
+    wider_prior: str
+
+
+EXAMPLES = {
+    "digits": Example("digits", ["--epochs", "12", "--batch-size", "16", "--learning-rate", "3e-3", "--dropout", "0.2"],
+                      "inputs of shape (1, 8, 8) uint8, 5 classes; held on the cpu", "dropout", "1.5",
+                      "must be a number in [0, 1], got 1.5", "uniform(0, 0.5)", "uniform(0, 1.5)"),
+    "diabetes": Example("a regression", ["--epochs", "8", "--learning-rate", "3e-3", "--huber-delta", "2"],
+                        "inputs of shape (10,) float32, float targets of shape (); held on the cpu", "huber-delta",
+                        "0", "must be a positive number, got 0", "loguniform(0.1, 10)", "uniform(-1, 10)"),
+    "photos": Example("a folder of photos", ["--epochs", "3", "--batch-size", "16", "--augment",
+                                             "--label-smoothing", "0.1"],
+                      "inputs of shape (3, 48, 48) uint8, 3 classes; streamed from disk by 2 DataLoader worker(s)",
+                      "label-smoothing", "-0.1", "must be a number in [0, 1], got -0.1", "uniform(0, 0.2)",
+                      "uniform(0, 1.2)"),
+}
+
+
+def worked_example(heading: str) -> tuple[str, str, str, str]:
+    """(the new module's name, its code, the diff, the sample command), from the README's worked example."""
+    section = README.read_text().split(f"### Worked example: {heading}")[1].split("\n## ")[0].split("\n### ")[0]
     [module] = re.findall(r"```python\n(.*?)```", section, re.S)
     [diff] = re.findall(r"```diff\n(.*?)```", section, re.S)
     [name] = re.findall(r"^\+import (\w+) as dataset$", diff, re.M)
-    return name, module, diff
-
-
-def readme_sample_command() -> str:
-    """The README's command that writes the example's data set where its module stages it from."""
-    section = README.read_text().split("### A worked example")[1].split("\n## ")[0]
     [command] = re.findall(r"`uv run python (\w+\.py sample [^`]+)`", " ".join(section.split()))
-    return command
+    return name, module, diff, command
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict]:
-    """A copy of the project with the worked example applied; (its folder, the environment to run in)."""
-    folder = tmp_path_factory.mktemp("make-it-yours")
+@pytest.fixture(scope="module", params=list(EXAMPLES))
+def project(request, tmp_path_factory) -> tuple[Path, dict, str, Example]:
+    """A copy of the project with a worked example applied: (its folder, the environment, the module, the example)."""
+    example = EXAMPLES[request.param]
+    folder = tmp_path_factory.mktemp(f"make-it-yours-{request.param}")
     project = folder / "project"
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -49,95 +76,110 @@ def project(tmp_path_factory) -> tuple[Path, dict]:
             (project / file).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO_ROOT / file, project / file)
     (project / ".venv").symlink_to(REPO_ROOT / ".venv")
-    name, module, diff = worked_example()
+    name, module, diff, command = worked_example(example.heading)
+    assert name == request.param
     (project / f"{name}.py").write_text(module)
     applied = subprocess.run(["git", "apply", "--verbose", "-"], input=diff, cwd=project, capture_output=True,
                              text=True)
     assert applied.returncode == 0, f"README's diff does not apply to main.py and job.sh: {applied.stderr}"
     env = clean_env(HOME=folder / "home", SCRATCH=folder / "scratch", XDG_CONFIG_HOME=folder / "config")
     # As written in the README, `~` included (in this test's own HOME).
-    sample = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {readme_sample_command()}"],
-                            cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    sample = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {command}"],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
     staged = subprocess.run([sys.executable, "orion_tools.py", "stage-data", "--module", f"{name}.py",
                              "--destination", str(folder / "data")], cwd=project, env=env, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=300)
     assert staged.returncode == 0, staged.stderr
-    return project, env
+    return project, env, name, example
 
 
 def run_trial(project, env, *args, **kwargs) -> subprocess.CompletedProcess:
     data_dir = Path(env["HOME"]).parent / "data"
-    return subprocess.run([sys.executable, "main.py", "--data-dir", str(data_dir), *map(str, args)], cwd=project,
-                          env=env, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-TRIAL = ["--epochs", "12", "--batch-size", "16", "--learning-rate", "3e-3", "--dropout", "0.2"]
+    return subprocess.run([sys.executable, "main.py", "--data-dir", str(data_dir), "--loader-workers", "2",
+                           *map(str, args)], cwd=project, env=env, capture_output=True, text=True, timeout=600,
+                          **kwargs)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(project, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
-    result = run_trial(*project, *TRIAL, "--checkpoint-dir", folder)
+    result = run_trial(project[0], project[1], *project[3].trial, "--checkpoint-dir", folder)
     assert result.returncode == 0, result.stdout + result.stderr
     return result, folder
 
 
-def test_a_trial_trains_on_the_new_data_and_model(uninterrupted):
+def test_a_trial_trains_on_the_new_data_and_model(project, uninterrupted):
     result, folder = uninterrupted
-    assert "of shape (1, 8, 8), 5 classes" in result.stdout
+    assert project[3].shape in result.stdout
     records = read_metrics(folder)
-    assert len(records) == 12
-    assert records[-1]["val_accuracy"] > 0.8  # 5 classes: chance is 0.2.
+    assert len(records) == int(project[3].trial[1])
+    # Oríon minimizes the objective: well below the untrained model's.
+    assert records[-1]["objective"] < 0.7 * records[-1]["untrained_objective"]
 
 
 def test_resume_after_sigterm_reproduces_the_run(project, uninterrupted, tmp_path):
-    folder, env = tmp_path / "trial", project[1]
+    folder, (project_dir, env, _, example) = tmp_path / "trial", project
     process = subprocess.Popen([sys.executable, "main.py", "--data-dir", str(Path(env["HOME"]).parent / "data"),
-                                *TRIAL, "--checkpoint-dir", str(folder)], cwd=project[0], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                "--loader-workers", "2", *example.trial, "--checkpoint-dir", str(folder)],
+                               cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not (folder / "metrics.jsonl").exists() and time.monotonic() < deadline:  # An epoch done.
-        time.sleep(0.05)
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
-    assert len(read_metrics(folder)) < 12  # Stopped early: the rest comes from the resumed run.
-    resumed = run_trial(*project, *TRIAL, "--checkpoint-dir", folder)
+    assert len(read_metrics(folder)) < int(example.trial[1])  # Stopped early: the rest comes from the resumed run.
+    resumed = run_trial(project_dir, env, *example.trial, "--checkpoint-dir", folder)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resuming training at epoch" in resumed.stdout
-    curve = lambda records: [(r["epoch"], r["train_loss"], r["val_loss"], r["val_accuracy"]) for r in records]  # noqa: E731
+    # The epoch, the training loss, evaluate's metrics and the objective: all but timings and memory.
+    measured = lambda key: key not in RECORD_FIELDS or key in ("epoch", "train_loss", "objective")  # noqa: E731
+    curve = lambda records: [{k: v for k, v in r.items() if measured(k)} for r in records]  # noqa: E731
     assert curve(read_metrics(folder)) == curve(read_metrics(uninterrupted[1]))
 
 
 def test_dry_run_of_the_search_searches_the_new_hyperparameter(project):
-    folder, env = project
+    folder, env, name, example = project
     result = subprocess.run(["bash", "job.sh", "--epochs", "1"], cwd=folder,
-                            env={**env, "ORION_EXPERIMENT": "digits", "ORION_MAX_TRIALS": "2"},
+                            env={**env, "ORION_EXPERIMENT": name, "ORION_MAX_TRIALS": "2"},
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    trials = read_trials(Path(env["SCRATCH"]) / "orion-example-dry-run" / "orion_db.pkl", "digits")
+    trials = read_trials(Path(env["SCRATCH"]) / "orion-example-dry-run" / "orion_db.pkl", name)
     assert [t["status"] for t in trials] == ["completed", "completed"]
+    low, high = map(float, re.findall(r"[\d.]+", example.prior)[:2])
     for trial in trials:
-        [dropout] = [p["value"] for p in trial["params"] if p["name"] == "/dropout"]
-        assert 0 <= dropout <= 0.5
+        [value] = [p["value"] for p in trial["params"] if p["name"] == f"/{example.new_argument}"]
+        assert low <= value <= high
+        [objective] = [r for r in trial["results"] if r["type"] == "objective"]
+        assert objective["name"] == subprocess.run(
+            [sys.executable, "-c", "import main; print(main.OBJECTIVE)"], cwd=folder, env=env, capture_output=True,
+            text=True).stdout.strip()
 
 
 def test_a_bad_value_of_the_new_hyperparameter_is_one_error_line(project):
-    result = run_trial(*project, "--dropout", "1.5")
+    folder, env, _, example = project
+    result = run_trial(folder, env, f"--{example.new_argument}={example.bad_value}")
     assert result.returncode == 2
-    assert result.stderr == "main.py: error: argument --dropout: must be a number in [0, 1], got 1.5 (see --help)\n"
+    assert result.stderr == f"main.py: error: argument --{example.new_argument}: {example.refusal} (see --help)\n"
 
 
 def test_a_prior_wider_than_the_hyperparameter_allows_is_refused_before_any_trial(project, tmp_path):
-    folder, env = project
-    job = (folder / "job.sh").read_text().replace("--dropout~'uniform(0, 0.5)'", "--dropout~'uniform(0, 1.5)'")
-    assert "uniform(0, 1.5)" in job
+    folder, env, _, example = project
+    old, new = f"--{example.new_argument}~'{example.prior}'", f"--{example.new_argument}~'{example.wider_prior}'"
+    job = (folder / "job.sh").read_text().replace(old, new)
+    assert new in job
     (tmp_path / "job.sh").write_text(job)
     result = subprocess.run(["bash", tmp_path / "job.sh", "--epochs", "1"], cwd=folder,
                             env={**env, "SCRATCH": str(tmp_path / "scratch")}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2
-    assert ("error: the prior --dropout~'uniform(0, 1.5)' in job.sh reaches 1.5, which main.py refuses "
-            "(argument --dropout: must be a number in [0, 1], got 1.5)") in result.stderr
+    assert f"error: the prior {new} in job.sh reaches " in result.stderr, result.stderr
     assert not (tmp_path / "scratch" / "orion-example-dry-run" / "orion_db.pkl").exists()
+
+
+def test_the_pipeline_tests_pass_unchanged_on_the_new_data(project):
+    folder, env, _, _ = project
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                             "tests/test_main.py"], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
