@@ -25,6 +25,7 @@ import datetime
 import importlib.util
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -789,6 +790,19 @@ def record_outcome(trial, outcome: str) -> None:
         file.write(line)
 
 
+def keep_trial_tracebacks_in_the_workers_log(record: logging.LogRecord) -> bool:
+    """Oríon's runner logs a broken trial's whole traceback (20 lines ending in `ExecutionError`,
+    the trial's exit code, three times for three broken trials), after the trial's own one error
+    line: that traceback goes to the worker's log, --worker-records DIR/HOST-PID.log, not to the
+    job's output. Other messages of the runner pass."""
+    message = record.getMessage()
+    if WORKER_RECORDS is None or "ExecutionError" not in message:
+        return True
+    with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.log", "a") as file:
+        file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}\n")
+    return False
+
+
 def consume_and_record(self, trial, **kwargs):
     """Oríon's run of one trial (`Consumer.__call__`), which records who ran it and how it ended."""
     record_worker(trial)
@@ -855,6 +869,7 @@ def hunt(hunt_arguments: list[str]) -> int:
         WORKER_RECORDS, hunt_arguments = Path(hunt_arguments[1]), hunt_arguments[2:]
         WORKER_RECORDS.mkdir(parents=True, exist_ok=True)
     Consumer.__call__ = consume_and_record
+    logging.getLogger("orion.client.runner").addFilter(keep_trial_tracebacks_in_the_workers_log)
     Producer.produce = produce_within_budget
     Producer.observe = observe_patiently
     Experiment.is_done = property(done_within_budget)

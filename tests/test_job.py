@@ -4,6 +4,7 @@ Slurm: test_job_dry_run.py."""
 import re
 import shlex
 import subprocess
+from pathlib import Path
 
 from conftest import (REPO_ROOT, database, job_environment, make_job_env, read_trials, readme_commands, sbatch_wait,
                       trials_dir)
@@ -77,6 +78,12 @@ def test_job_whose_trials_break_fails(slurm_env, job_env, tmp_path):
     assert "orion db rm orion-example --status broken --force" in output
     assert "error: " in "".join(p.read_text() for p in trials_dir(job_env).glob("*/train.log"))
     assert str(tmp_path / "nowhere") in "".join(p.read_text() for p in trials_dir(job_env).glob("*/train.log"))
+    # Each broken trial's one error line, once; Oríon's runner traceback only in the worker's log.
+    [line] = {line for line in output.splitlines() if line.startswith("error: ") and "nowhere" in line}
+    assert output.count(line) == len(list(trials_dir(job_env).glob("*/train.log")))
+    assert "Traceback" not in output and "ExecutionError" not in output
+    [worker_log] = (Path(job_env["SCRATCH"]) / "orion-example" / "workers").glob("*/*.log")
+    assert "ExecutionError" in worker_log.read_text()
 
 
 def test_unset_scratch_is_refused(slurm_env, job_env, tmp_path):
