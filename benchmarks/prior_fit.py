@@ -1,7 +1,9 @@
 """Does a prior span values where the model learns? For each prior of --learning-rate (job.sh's
 form), N random configurations (learning rate from that prior, weight decay from job.sh's), each
 a real main.py trial of a few epochs on the generated CIFAR-10 look-alike; counts the trials whose
-validation accuracy ends above twice chance (20 %, 10 classes) and those that diverged.
+validation accuracy ends above twice chance (20 %, 10 classes), those that reach 90 % (most
+reach 100 % on this easy data: below 90 %, the learning rate held the model back), and those
+that diverged.
 
     uv run python benchmarks/prior_fit.py [--quick] [--trials 16] [--epochs 2] \\
         [--priors 'loguniform(1e-5, 1.0)' 'loguniform(1e-5, 1e-2)']
@@ -43,7 +45,7 @@ def main() -> None:
         for p, prior in enumerate(args.priors):
             rates = sample(prior, trials, seed=1 + p)
             decays = sample(WEIGHT_DECAY_PRIOR, trials, seed=101 + p)
-            learned = diverged = 0
+            learned = learned_well = diverged = 0
             for i, (rate, decay) in enumerate(zip(rates, decays)):
                 trial = common.run_trial(
                     f"{prior} #{i}", common.main_command(data_dir, epochs, "--batch-size", 64, "--learning-rate",
@@ -51,15 +53,18 @@ def main() -> None:
                     folder / f"{p}-{i}", args.timeout)
                 accuracy = trial.last["val_accuracy"]
                 learned += accuracy is not None and accuracy > 0.2
+                learned_well += accuracy is not None and accuracy >= 0.9
                 diverged += trial.last["diverged"]
                 print(f"  lr {rate:.2e} wd {decay:.1e}: accuracy {accuracy}, diverged {trial.last['diverged']}",
                       flush=True)
-            rows.append([f"--learning-rate~'{prior}'", trials, learned, diverged, f"{learned / trials:.0%}"])
+            rows.append([f"--learning-rate~'{prior}'", trials, learned, learned_well, diverged,
+                         f"{learned_well / trials:.0%}"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     common.print_table(f"{trials} random trials per prior, {epochs} epoch(s), batch 64, look-alike of "
                        f"{5 * (100 if args.quick else 400)} images",
-                       ["prior", "trials", "above 2x chance", "diverged", "share that learns"], rows)
+                       ["prior", "trials", "above 2x chance", "reach 90 %", "diverged", "share that reaches 90 %"],
+                       rows)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """End to end: real `orion hunt` workers run main.py against a real PickledDB file."""
 
+import math
 import subprocess
 import sys
 
-from conftest import MAIN_PY, REPO_ROOT, clean_env, read_trials
+import pytest
+
+from conftest import MAIN_PY, REPO_ROOT, clean_env, read_metrics, read_trials
 
 
 def orion(*args, env, timeout=600):
@@ -41,7 +44,7 @@ def test_hunt_three_trials_then_info_and_plot(data_dir, tmp_path):
     trial_dirs = sorted((tmp_path / "trials").iterdir())
     assert len(trial_dirs) == 3
     for trial_dir in trial_dirs:
-        assert "Epoch 0: Val loss:" in (trial_dir / "train.log").read_text()
+        assert "Epoch 0: " in (trial_dir / "train.log").read_text()
         assert (trial_dir / "checkpoint.pt").is_file()
 
     info = orion("info", "-n", "test-hunt", env=env)
@@ -88,3 +91,51 @@ def test_orion_list_names_the_experiments_there_are(tmp_path):
     orion("hunt", "-n", "other", "--max-trials", "1", "--working-dir", tmp_path / "trials",
           "python", REPO_ROOT / "tests" / "standin_trial.py", "--learning-rate~loguniform(1e-5, 1)", env=env)
     assert orion("list", env=env).stdout.split() == ["other-v1"]
+
+
+# A trial whose objective is a loss (NaN once training diverges), with a model that trains in a
+# blink: main.py's own main() otherwise.
+LOSS_OBJECTIVE_TRIAL = f"""
+import sys
+sys.path.insert(0, {str(REPO_ROOT)!r})
+import math, torch, main
+main.OBJECTIVE = "validation loss"
+main.objective = lambda metrics: metrics["val_loss"]
+main.build_model = lambda args, data: torch.nn.Sequential(
+    torch.nn.Flatten(), torch.nn.Linear(math.prod(data.input_shape), data.classes))
+main.main()
+"""
+
+
+@pytest.mark.parametrize("algorithm, fidelity", [
+    ("tpe: {seed: 1, n_initial_points: 2}", []),
+    ("asha: {seed: 1, num_brackets: 1}", ["--epochs~fidelity(1, 4, base=2)"]),
+])
+def test_diverged_trials_complete_and_the_search_goes_on(data_dir, tmp_path, algorithm, fidelity):
+    """Learning rates up to 1e30: most trials diverge (their loss objective is NaN). Each completes
+    with its untrained model's loss, a finite value the algorithm learns from; none breaks, and the
+    search reaches its budget (with TPE and with ASHA, whose rungs need every result)."""
+    database, trial = tmp_path / "orion.pkl", tmp_path / "loss_objective_trial.py"
+    trial.write_text(LOSS_OBJECTIVE_TRIAL)
+    (tmp_path / "config.yml").write_text(
+        f"experiment:\n  algorithm:\n    {algorithm}\n  max_trials: 5\n  max_broken: 1\n"
+        f"storage:\n  database:\n    type: pickleddb\n    host: {database}\n")
+    hunt = subprocess.run(
+        [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", "diverging", "--config",
+         str(tmp_path / "config.yml"), "--working-dir", str(tmp_path / "trials"), sys.executable, str(trial),
+         "--data-dir", str(data_dir), "--batch-size", "64", *(["--epochs", "1"] if not fidelity else fidelity),
+         "--learning-rate~loguniform(1e-3, 1e30)"],
+        env=clean_env(HOME=tmp_path, ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=database), cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=600)
+    assert hunt.returncode == 0, hunt.stdout[-3000:] + hunt.stderr[-3000:]
+    trials = read_trials(database)
+    assert [t["status"] for t in trials] == ["completed"] * 5
+    reported = []
+    for trial_doc in trials:
+        [objective] = [r for r in trial_doc["results"] if r["type"] == "objective"]
+        assert objective["name"] == "validation loss" and math.isfinite(objective["value"])
+        reported.append(objective["value"])
+    last_records = [read_metrics(path.parent)[-1] for path in (tmp_path / "trials").rglob("metrics.jsonl")]
+    diverged = [r for r in last_records if r["diverged"]]
+    assert diverged
+    assert all(r["untrained_objective"] in reported for r in diverged)

@@ -150,3 +150,19 @@ def test_a_streamed_item_that_cannot_be_read_is_one_error_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: reading a ") and "OSError: cannot read photo" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("patch, expected", [
+    ("main.evaluate = lambda *args: 0.5", "error: evaluate() returned float 0.5: it must return a dict of metrics"),
+    ("main.objective = lambda metrics: metrics['no_such_metric']",
+     "error: objective(metrics) failed on evaluate()'s metrics ["),
+    ("evaluate = main.evaluate; main.evaluate = lambda *args: {**evaluate(*args), 'epoch': 1}",
+     "error: evaluate() returned a metric named 'epoch', a name metrics.jsonl keeps for itself"),
+])
+def test_evaluate_and_objective_mistakes_are_one_error_line(data_dir, patch, expected):
+    program = f"import main\n{patch}\nmain.main()\n"
+    result = subprocess.run([sys.executable, "-c", program, "--data-dir", str(data_dir), "--epochs", "1"],
+                            env=clean_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(expected), result.stderr
