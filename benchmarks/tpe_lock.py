@@ -48,7 +48,7 @@ from orion.core.worker.producer import Producer
 from orion.core.worker.trial import Trial
 from orion.storage.legacy import Legacy
 
-SPACE = {"learning_rate": "loguniform(1e-5, 1.0)", "weight_decay": "loguniform(1e-6, 1e-1)"}  # job.sh's priors.
+SPACE = {"learning_rate": "loguniform(1e-5, 1.0)", "weight_decay": "loguniform(1e-6, 1e-1)"}  # job.sh's priors when measured.
 COPYING_MODULES = (orion.algo.base.registry, orion.core.worker.algo_wrappers.algo_wrapper,
                    orion.core.worker.algo_wrappers.insist_suggest)
 HOLDS: list = []  # Seconds of each algorithm-lock hold, appended by `timed_algorithm_lock`.

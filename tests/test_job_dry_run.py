@@ -173,8 +173,8 @@ def test_unknown_algorithm_is_refused(job_env):
 def test_malformed_prior_is_refused_before_the_hunt(job_env, tmp_path, prior, reason):
     # A student's edit of job.sh's priors; the edited copy runs from this folder, as sbatch runs its copy.
     script = (REPO_ROOT / "job.sh").read_text()
-    assert script.count("--learning-rate~'loguniform(1e-5, 1.0)'") == 1
-    (tmp_path / "job.sh").write_text(script.replace("'loguniform(1e-5, 1.0)'", f"'{prior}'"))
+    assert script.count("--learning-rate~'loguniform(1e-5, 1e-2)'") == 1
+    (tmp_path / "job.sh").write_text(script.replace("'loguniform(1e-5, 1e-2)'", f"'{prior}'"))
     result = subprocess.run(["bash", tmp_path / "job.sh", "--epochs", "1"], env=job_environment(job_env),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
