@@ -209,6 +209,10 @@ class Trial:
             named = isinstance(error, ValueError) and str(data_dir) in str(error)
             fail(str(error) if named else f"{module}'s load({data_dir}) failed: {one_line(error)}; check the files "
                  f"there (stage them again) or the module's load()")
+        module_object = inspect.getmodule(load)
+        if getattr(self.args, "augment", False) and not hasattr(module_object, "augment"):
+            fail(f"--augment, but {module} has no augment(inputs): add one (README, \"Make it yours\"), or drop "
+                 "--augment and its line in main.py's train_step")
         if not isinstance(loaded, dict):
             fail(f"{module}'s load() returned a {type(loaded).__name__}: it must return a dict with {FORMS} "
                  "(README, \"Make it yours\")")

@@ -70,10 +70,11 @@ if [[ -f tests/test_cuda_graph.py ]]; then
 else
     echo "== cuda_graph_tests: tests/test_cuda_graph.py does not exist: skipped =="
 fi
-# Caps in seconds, 515 in all with the tests' (the environment and data: about 30 more on an H200).
+# Caps in seconds, 575 in all with the tests' (the environment and data: about 30 more on an H200).
 step step_time 90 "$PYTHON" benchmarks/step_time.py "${options[@]}"
 step epoch_time 240 "$PYTHON" benchmarks/epoch_time.py "${options[@]}"
 step gpu_concurrency 60 "$PYTHON" benchmarks/gpu_concurrency.py "${options[@]}" --cuda-graph
 step trial_overhead 50 "$PYTHON" benchmarks/trial_overhead.py --repeat 1 "${options[@]}"
+step streaming 60 "$PYTHON" benchmarks/streaming.py --photos 3000 "${options[@]}"
 echo "== done in $((SECONDS - started)) s, outputs in $out =="
 exit $status

@@ -23,15 +23,18 @@ TOKENS = dict(inputs=RNG.integers(0, 100, (40, 12)), targets=RNG.integers(0, 3, 
 class Pairs(torch.utils.data.Dataset):
     """A streamed data set: (input, target) pairs, read one at a time."""
 
-    def __init__(self, inputs, targets, noisy: bool = False):
-        self.inputs, self.targets, self.noisy = inputs, targets, noisy
+    def __init__(self, inputs, targets, noisy: bool = False, flip: bool = False):
+        self.inputs, self.targets, self.noisy, self.flip = inputs, targets, noisy, flip
 
     def __len__(self):
         return len(self.inputs)
 
     def __getitem__(self, index):
         extra = np.random.random() if self.noisy else 0.0  # Random augmentation in the Dataset: refused.
-        return torch.as_tensor(self.inputs[index] + extra), self.targets[index]
+        item = torch.as_tensor(self.inputs[index] + extra)
+        if self.flip and torch.rand(()) < 0.5:  # torchvision's RandomHorizontalFlip, in effect.
+            item = item.flip(-1)
+        return item, self.targets[index]
 
 
 def load(loaded, *argv) -> "Data":  # noqa: F821
@@ -105,6 +108,8 @@ def test_a_streamed_data_set_serves_the_same_batches_as_held(workers):
      "give `dataset` as a list: it must be a torch Dataset"),
     (lambda d: {k: v for k, v in d.items() if k not in ("inputs", "targets")}
      | {"dataset": Pairs(d["inputs"].astype(float), d["targets"], noisy=True)}, "differs from one read to the next"),
+    (lambda d: {k: v for k, v in d.items() if k not in ("inputs", "targets")}
+     | {"dataset": Pairs(d["inputs"], d["targets"], flip=True)}, "differs from one read to the next"),
     (lambda d: tuple(d.values()), "load() returned a tuple: it must return a dict with either"),
 ])
 def test_what_the_data_set_returns_is_checked_in_one_line(change, expected):
@@ -166,3 +171,23 @@ def test_evaluate_and_objective_mistakes_are_one_error_line(data_dir, patch, exp
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith(expected), result.stderr
+
+
+def test_the_stability_check_leaves_the_trials_random_state_alone():
+    before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    load({k: v for k, v in IMAGES.items() if k not in ("inputs", "targets")}
+         | {"dataset": Pairs(IMAGES["inputs"], IMAGES["targets"])})
+    assert torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+
+
+def test_augment_without_the_modules_augment_is_one_error_line(tmp_path):
+    (tmp_path / "plain.py").write_text("import numpy as np\n"
+                                       "def load(folder):\n"
+                                       "    return dict(inputs=np.zeros((40, 3)), targets=np.zeros(40))\n")
+    program = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+               "import main, plain\nmain.dataset = plain\nmain.main()\n")
+    result = subprocess.run([sys.executable, "-c", program, "--epochs", "1", "--augment"], env=clean_env(),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("error: --augment, but plain.py has no augment(inputs): add one (README, \"Make it "
+                             "yours\"), or drop --augment and its line in main.py's train_step\n"), result.stderr
