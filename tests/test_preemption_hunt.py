@@ -37,7 +37,7 @@ def trial_log(tmp_path) -> str:
 
 def test_interrupted_trial_is_resumed_by_the_next_worker(data_dir, tmp_path):
     worker = start_hunt(tmp_path, data_dir)
-    wait_for(lambda: "Epoch 0: Val loss" in trial_log(tmp_path), 300, "the first epoch")
+    wait_for(lambda: "Epoch 0: " in trial_log(tmp_path), 300, "the first epoch")
     os.killpg(worker.pid, signal.SIGTERM)  # What Slurm does to every process of a step.
     output, _ = worker.communicate(timeout=120)
     assert worker.returncode == 130, output
@@ -48,7 +48,7 @@ def test_interrupted_trial_is_resumed_by_the_next_worker(data_dir, tmp_path):
     assert next_worker.returncode == 0, output
     assert [t["status"] for t in read_trials(tmp_path / "orion.pkl")] == ["completed"]
     assert re.search(r"Resuming training at epoch 1", trial_log(tmp_path))
-    assert len(re.findall(r"Epoch 0: Val loss", trial_log(tmp_path))) == 1  # Epoch 0 not redone.
+    assert len(re.findall(r"Epoch 0: ", trial_log(tmp_path))) == 1  # Epoch 0 not redone.
 
 
 def test_trial_of_a_killed_worker_is_finished_by_another(data_dir, tmp_path):

@@ -42,7 +42,7 @@ def test_requeued_array_resumes_its_trials(slurm_env, job_env, tmp_path):
     assert sorted(statuses) == ["completed", "completed"], statuses
     logs = trial_logs(job_env)
     assert len(logs) == 2 and all("Resuming training at epoch 1" in log for log in logs), logs
-    assert all(log.count("Epoch 0: Val loss") == 1 for log in logs)  # Not retrained from scratch.
+    assert all(log.count("Epoch 0: ") == 1 for log in logs)  # Not retrained from scratch.
 
 
 def test_time_limit_signal_checkpoints_and_requeues(slurm_env, job_env, tmp_path):
