@@ -3,7 +3,7 @@ disk, reading and checking its pickled batches, its normalization statistics and
 
 main.py imports it as `dataset` and calls `dataset.load(data_dir)` and `dataset.augment(images)`;
 job.sh stages it on each node (step 2: `stage`, from $CIFAR10_ARCHIVE, or downloaded and
-checked, after `orion_tools.py stage-data` checked the node's free space for `staged_bytes`); a
+checked, after `orion_tools stage-data` checked the node's free space for `staged_bytes`); a
 small look-alike, for a first try without the real data:
 
     python cifar10.py sample data                # data/cifar-10-python.tar.gz, 500 generated images

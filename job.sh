@@ -5,7 +5,7 @@
 #   sbatch --array=1-10 job.sh [main.py arguments]     # 10 workers, one GPU each
 #   ORION_MAX_TRIALS=2 bash job.sh --epochs 1            # no Slurm: a dry run, on a workstation
 #
-# Settings (environment variables), variants and what ends up where: README, "job.sh". The job
+# Settings (environment variables), variants and what ends up where: docs/job.md. The job
 # is `main`, below: seven steps; each step's function follows it, in the same order.
 #
 # A GPU for the *job*, not per task: Slurm refuses --gpus-per-task with --ntasks-per-gpu, which
@@ -28,7 +28,7 @@ if [ -z "${BASH_VERSION:-}" ]; then echo "error: run job.sh with bash (or sbatch
 # The search space: a prior per hyperparameter of main.py that Oríon searches (README, "Make it
 # yours"); Oríon replaces each with a value in every trial. ASHA adds --epochs (step 1). The
 # learning rate stops at 1e-2: above it AdamW trains ResNet18 poorly or not at all, and a prior
-# up to 1.0 spent two fifths of its trials there (README, "The search"; benchmarks/prior_fit.py).
+# up to 1.0 spent two fifths of its trials there (docs/search.md; benchmarks/prior_fit.py).
 priors=(
     --learning-rate~'loguniform(1e-5, 1e-2)'
     --weight-decay~'loguniform(1e-6, 1e-1)'
@@ -88,7 +88,7 @@ check_and_set_defaults() {
     fi
     ORION_EXPERIMENT="${ORION_EXPERIMENT:-orion-example}"
     # The search's defaults follow from how many workers start together (the tasks of this job
-    # times the jobs of the array); why these: README, "The search".
+    # times the jobs of the array); why these: docs/search.md.
     local concurrent_workers=$(( ${SLURM_NTASKS:-1} * ${SLURM_ARRAY_TASK_COUNT:-1} ))
     ORION_MAX_TRIALS="${ORION_MAX_TRIALS:-$(( concurrent_workers > 5 ? 5 * concurrent_workers : 25 ))}"
     TPE_N_INITIAL_POINTS="${TPE_N_INITIAL_POINTS:-$(( concurrent_workers > 5 ? concurrent_workers : 5 ))}"
@@ -98,7 +98,7 @@ check_and_set_defaults() {
             "must be positive integers, e.g. export ORION_MAX_TRIALS=50" >&2
         exit 1
     fi
-    # The algorithm (README, "The search").
+    # The algorithm (docs/search.md).
     case "$ALGORITHM" in
         tpe)
             algorithm="tpe: {seed: null, n_initial_points: $TPE_N_INITIAL_POINTS}" ;;
@@ -140,17 +140,17 @@ check_and_set_defaults() {
     # Oríon reads these two in every command (hunt, info, plot, status), whatever the config says.
     export ORION_DB_TYPE=pickleddb
     export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
-    export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see README, "Preemption".
-    # At least orion_tools.py's MIN_HEARTBEAT: 4 heartbeats must outlast the database lock's lease.
+    export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see docs/preemption.md.
+    # At least orion_tools' MIN_HEARTBEAT: 4 heartbeats must outlast the database lock's lease.
     if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT < 23 )); then
-        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds of at least 23 (README," \
-            "\"Preemption\"), e.g. the default, 30" >&2
+        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds of at least 23" \
+            "(docs/preemption.md), e.g. the default, 30" >&2
         exit 1
     fi
     # The trials' folders (checkpoints, train.log) persist in $SCRATCH: a requeued or another
     # worker resumes an interrupted trial there. Without --working-dir, Oríon deletes them.
     trials_dir="$search_dir/$ORION_EXPERIMENT"
-    # What each worker records of the trials it runs (orion_tools.py hunt --worker-records).
+    # What each worker records of the trials it runs (orion_tools hunt --worker-records).
     worker_records="$search_dir/workers/${SLURM_JOB_ID:-dry-run-$$}"
     local folder problem where probe
     for folder in "$trials_dir" "$(dirname "$ORION_DB_ADDRESS")" "$worker_records"; do
@@ -189,14 +189,14 @@ set_up_environment() {
     # shellcheck disable=SC1091
     source .venv/bin/activate
     # A typo in main.py's arguments, or a prior wider than they allow, would break trial after
-    # trial until the experiment is broken for good: check them once, here (orion_tools.py,
+    # trial until the experiment is broken for good: check them once, here (orion_tools,
     # check_trial_arguments). main.py names its data set module (`import ... as dataset`), which
     # stages the data on each node's local disk, $SLURM_TMPDIR, once, before the workers start:
     # trials then never read from the shared filesystem.
     local data_module
     data_module=$(python -c 'import sys, main, orion_tools; sys.argv[0] = "main.py"
 orion_tools.check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}")
-    "${on_each_node[@]}" python orion_tools.py stage-data --module "$data_module" --destination "$SLURM_TMPDIR/data"
+    "${on_each_node[@]}" python -m orion_tools stage-data --module "$data_module" --destination "$SLURM_TMPDIR/data"
 }
 
 environment_ready() {
@@ -209,10 +209,10 @@ check_database() {
     # An emptied or truncated database (a crash of the file server) would start the search over:
     # stop instead, and say how to restore the copy the last job made. Before anything opens the
     # database: Oríon writes an emptied file back as a valid empty database.
-    python orion_tools.py check-database --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT"
-    # Why take trials back: see README, "Preemption". Which trials: `reclaim` in orion_tools.py.
+    python -m orion_tools check-database --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT"
+    # Why take trials back: see docs/preemption.md. Which trials: `reclaim` in orion_tools.
     if (( ${SLURM_RESTART_COUNT:-0} > 0 )); then
-        python orion_tools.py reclaim --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT" \
+        python -m orion_tools reclaim --database "$ORION_DB_ADDRESS" --experiment "$ORION_EXPERIMENT" \
             --trials-dir "$trials_dir" --job-id "$SLURM_JOB_ID" --since "$job_started_at"
     fi
 }
@@ -225,7 +225,7 @@ configure_orion() {
     # with other main.py arguments, priors or algorithm would go on, its trials mixed with the old
     # ones: refuse both, here. (A larger ORION_MAX_TRIALS extends a search; its algorithm keeps the
     # settings it started with, e.g. TPE's n_initial_points: `check-experiment` prints them.)
-    algorithm=$(python orion_tools.py check-experiment --database "$ORION_DB_ADDRESS" \
+    algorithm=$(python -m orion_tools check-experiment --database "$ORION_DB_ADDRESS" \
         --experiment "$ORION_EXPERIMENT" --algorithm "$algorithm" -- "${trial_command[@]}")
     orion_config="$SLURM_TMPDIR/orion-config.yml"
     cat > "$orion_config" <<EOF
@@ -236,7 +236,7 @@ experiment:
     max_broken: 10
 worker:
     # ASHA's workers may wait several epochs for a rung to fill: not Oríon's 60 s, then
-    # LazyWorkers. (A worker with nothing left to run exits at once: orion_tools.py hunt.)
+    # LazyWorkers. (A worker with nothing left to run exits at once: orion_tools hunt.)
     idle_timeout: 1800
     # Run the trial in the worker process itself: on SIGTERM it then waits for main.py to
     # checkpoint and exit 130, and marks the trial "interrupted" (the default process-pool
@@ -247,8 +247,8 @@ storage:
         type: pickleddb
         host: $ORION_DB_ADDRESS
         # Seconds a worker waits for the database's lock (Oríon's default: 60). Above
-        # orion_tools.py's DATABASE_LOCK_LEASE (90 s), so a lock left by a killed worker is
-        # taken over before anyone gives up (README, "Many workers on one database").
+        # orion_tools' DATABASE_LOCK_LEASE (90 s), so a lock left by a killed worker is
+        # taken over before anyone gives up (docs/many-workers.md).
         timeout: 120
 EOF
     # For `uv run orion info/plot` as written: see README, "Quick start".
@@ -268,18 +268,18 @@ EOF
 # --- 5. Run the workers -----------------------------------------------------------------------------
 run_workers() {
     # Each worker asks the database for a trial, runs main.py with its hyperparameters, reports,
-    # and asks again. `orion_tools.py hunt`: `orion hunt` with an exact budget, that records each
-    # trial it ran in --worker-records (README, "The search"). Several workers may share a GPU:
+    # and asks again. `python -m orion_tools hunt`: `orion hunt` with an exact budget, that records each
+    # trial it ran in --worker-records (docs/search.md). Several workers may share a GPU:
     # keep their CPU threads within the task's CPUs.
     export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-4}"
     # In the background, so that this script takes signals while they run (step 6).
-    "${on_each_task[@]}" python orion_tools.py hunt --worker-records "$worker_records" \
+    "${on_each_task[@]}" python -m orion_tools hunt --worker-records "$worker_records" \
         -n "$ORION_EXPERIMENT" --config "$orion_config" --working-dir "$trials_dir" "${trial_command[@]}" &
     hunt_pid=$!
 }
 
 # --- 6. Preemption ------------------------------------------------------------------------------------
-# What each signal does to a trial: see README, "Preemption". Near the time limit, Slurm signals
+# What each signal does to a trial: see docs/preemption.md. Near the time limit, Slurm signals
 # only this script (--signal=B:USR1): pass SIGTERM on to every process of the job's steps, wait
 # for the trials to checkpoint, and requeue the job. (Not `kill -TERM` to srun: srun takes it as
 # "abort the step" and kills the trials a few seconds later, checkpoint or not.)
@@ -309,13 +309,13 @@ report_verdict() {
     # non-zero if a trial of this job broke or was killed, or a worker failed. A report that
     # fails or hangs (kaleido's Chromium) fails no job.
     local verdict=0
-    python orion_tools.py job-verdict --worker-records "$worker_records" --hunt-status "$hunt_status" \
+    python -m orion_tools job-verdict --worker-records "$worker_records" --hunt-status "$hunt_status" \
         --experiment "$ORION_EXPERIMENT" --database "$ORION_DB_ADDRESS" --trials-dir "$trials_dir" || verdict=$?
-    if ! timeout 600 python orion_tools.py report --if-done --experiment "$ORION_EXPERIMENT" \
+    if ! timeout 600 python -m orion_tools report --if-done --experiment "$ORION_EXPERIMENT" \
             --database "$ORION_DB_ADDRESS" --trials-dir "$trials_dir"; then
         echo "warning: the search's report failed; make it again with: ORION_DB_ADDRESS=$ORION_DB_ADDRESS" \
-            "uv run python orion_tools.py report --experiment $ORION_EXPERIMENT --trials-dir $trials_dir" >&2
-        python orion_tools.py summary --experiment "$ORION_EXPERIMENT" --database "$ORION_DB_ADDRESS" || true
+            "uv run python -m orion_tools report --experiment $ORION_EXPERIMENT --trials-dir $trials_dir" >&2
+        python -m orion_tools summary --experiment "$ORION_EXPERIMENT" --database "$ORION_DB_ADDRESS" || true
     fi
     if [[ "$dry_run" == true ]]; then
         echo "Dry run: its trials are in $trials_dir, apart from the search that sbatch runs. See them with:" \

@@ -9,7 +9,7 @@ and five trials can share it (benchmarks/RESULTS.md). By hand, on a GPU or (slow
 
 This is the file to make yours (README, "Make it yours"): the data set, the hyperparameters, the
 model and optimizer, the training step, the metrics and the objective, and the trial itself, in
-the order they run. What stays as it is lives in trial_support.py and trial_data.py, which you
+the order they run. What stays as it is lives in trial_support/ (its __init__ lists it), which you
 need not open: the data's checks and batches, checkpoints and exact resume, preemption (exit 130:
 Oríon's "interrupted"), the metrics file, Oríon's results file, the CUDA-graph step, one-line errors.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torchvision.models import resnet18
 
 # The data set: a module with `load(data_dir)` (arrays held on the device, or a torch Dataset
-# streamed from disk: trial_data.py), `augment`, and `stage` and `write_sample` for job.sh and the
+# streamed from disk: trial_support/data.py), `augment`, and `stage` and `write_sample` for job.sh and the
 # tests. cifar10.py is the example; job.sh stages the module named here.
 import cifar10 as dataset
 from trial_support import Trial, argument_parser, int_at_least, non_negative_float, positive_float

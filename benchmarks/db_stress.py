@@ -3,7 +3,7 @@
 The README launches up to 50 workers (10 Slurm tasks x 5 per GPU) on one PickledDB file, the
 ceiling Oríon itself states. Each row starts N workers at once, exactly as job.sh runs them:
 
-    python orion_tools.py hunt -n db-stress --config CONFIG --working-dir DIR \\
+    python -m orion_tools hunt -n db-stress --config CONFIG --working-dir DIR \\
         python tests/standin_trial.py --sleep S --record RUNS.jsonl --learning-rate~'loguniform(1e-5, 1.0)'
 
 with ORION_DB_TYPE=pickleddb, ORION_DB_ADDRESS=<the row's own database file>, ORION_HEARTBEAT=30
@@ -47,7 +47,7 @@ FileLock (flock; filelock names it UnixFileLock) on ext2-4/GPFS/Lustre with floc
 each row prints the lock class Oríon creates there. Rows interleave the lock kinds, so that a
 shared machine's load hits both alike.
 
-Memory: a worker no longer imports torch (orion_tools.py `main`): about 145 MiB PSS each (it
+Memory: a worker no longer imports torch (orion_tools `main`): about 145 MiB PSS each (it
 was ~470 MiB when Oríon's CLI imported torch; RESULTS.md). A row starts only if its workers fit
 in 80 % of MemAvailable (as measured in the rows before).
 
@@ -58,7 +58,7 @@ in 80 % of MemAvailable (as measured in the rows before).
 The run with stalls (RESULTS.md, "Many workers with stalls"):
 
     uv run python benchmarks/db_stress.py --workers 10 50 100 --trials-per-worker 2 --sleep 180 \\
-        --stalls 2 --stall-seconds 60 --json benchmarks/db_stress_stalls.json --markdown
+        --stalls 2 --stall-seconds 60 --json benchmarks/outputs/db_stress_stalls.json --markdown
 
 Result (RESULTS.md, "Many workers with stalls"; 2 CPU cores, 2026-12-02): TPE, 3-minute
 trials, 10, 50 and 100 workers, both lock kinds, two 60-s stalls per row (7 of the 12 on the
@@ -95,7 +95,7 @@ from orion.core.io.database.pickleddb import _create_lock
 
 STANDIN_TRIAL = common.REPO_ROOT / "tests" / "standin_trial.py"
 EXPERIMENT = "db-stress"
-LOCK_TIMEOUT_MESSAGE = "stayed locked for"  # orion_tools.py's one-line DatabaseTimeout.
+LOCK_TIMEOUT_MESSAGE = "stayed locked for"  # orion_tools' one-line DatabaseTimeout.
 # The last line of the traceback of a worker that waited 60 s for the experiment's algorithm lock
 # (a flag in the database, polled every second; Oríon's `Producer.observe` after every trial,
 # not configurable) and died of it. (A worker that waits for it to *produce* a trial skips it.)
@@ -138,7 +138,7 @@ def write_config(folder: Path, budget: int, algorithm: str, n_workers: int, data
     config = folder / "orion-config.yml"
     config.write_text(
         f"experiment:\n  algorithm:\n    {algorithm_config(algorithm, n_workers)}\n  max_trials: {budget}\n"
-        # Oríon's LazyWorkers wait, far beyond the run: a spare worker exits at once anyway (orion_tools.py hunt).
+        # Oríon's LazyWorkers wait, far beyond the run: a spare worker exits at once anyway (orion_tools hunt).
         "worker:\n  executor: singleexecutor\n  idle_timeout: 1800\n"
         f"storage:\n  database:\n    type: pickleddb\n    host: {database}\n"
         f"    timeout: {orion_tools.DATABASE_LOCK_TIMEOUT}\n"
@@ -180,7 +180,7 @@ class Row:
 
 
 def start_workers(folder: Path, n_workers: int, budget: int, sleep: float, algorithm: str = "random") -> Row:
-    """Starts `n_workers` `orion_tools.py hunt` workers on folder/orion_db.pkl, as job.sh does."""
+    """Starts `n_workers` `python -m orion_tools hunt` workers on folder/orion_db.pkl, as job.sh does."""
     row = Row(Path(folder))
     row.folder.mkdir(parents=True, exist_ok=True)
     config = write_config(row.folder, budget, algorithm, n_workers, row.db)
@@ -188,7 +188,7 @@ def start_workers(folder: Path, n_workers: int, budget: int, sleep: float, algor
                            ORION_TOOLS_LOCK_TRACE=row.locks_file)
     # --working-dir as in job.sh: without it each worker makes a temporary folder for the
     # trials and deletes it when it exits, under the trials the other workers still run.
-    command = [sys.executable, "orion_tools.py", "hunt", "-n", EXPERIMENT, "--config", str(config),
+    command = [sys.executable, "-m", "orion_tools", "hunt", "-n", EXPERIMENT, "--config", str(config),
                "--working-dir", str(row.folder / "trials"),
                sys.executable, str(STANDIN_TRIAL), "--sleep", str(sleep), "--record", str(row.runs_file),
                "--learning-rate~loguniform(1e-5, 1.0)"]
@@ -597,8 +597,10 @@ def markdown(rows: list) -> str:
 
 
 def orion_tools_version() -> dict:
-    """Which orion_tools.py ran: its hash, the commit, and `git diff --stat orion_tools.py`."""
-    path = common.REPO_ROOT / "orion_tools.py"
+    """Which orion_tools ran: the hash of its modules, the commit, and `git diff --stat orion_tools`."""
+    digest = hashlib.sha256()
+    for path in sorted((common.REPO_ROOT / "orion_tools").glob("*.py")):
+        digest.update(path.read_bytes())
 
     def git(*args):
         try:
@@ -606,8 +608,8 @@ def orion_tools_version() -> dict:
                                   timeout=60).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             return None
-    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "commit": git("rev-parse", "HEAD"),
-            "diff_stat": git("diff", "--stat", "orion_tools.py")}
+    return {"sha256": digest.hexdigest(), "commit": git("rev-parse", "HEAD"),
+            "diff_stat": git("diff", "--stat", "orion_tools")}
 
 
 def lock_timeout() -> str:
@@ -658,7 +660,7 @@ def main():
 
     common.print_header("Database stress: concurrent orion hunt workers on one PickledDB file", args)
     version = orion_tools_version()
-    print(f"orion_tools.py: sha256 {version['sha256'][:12]}, commit {(version['commit'] or '?')[:12]}, "
+    print(f"orion_tools: sha256 {version['sha256'][:12]}, commit {(version['commit'] or '?')[:12]}, "
           f"uncommitted changes: {version['diff_stat'] or 'none'}", flush=True)
     print(f"memory available: {mem_available_mib():,.0f} MiB", flush=True)
 

@@ -9,7 +9,7 @@ from --repo (default: this checkout; another checkout measures another version o
 with this checkout's .venv if it has none). Each trial's first training step is read from its
 metrics.jsonl (end_time - seconds_since_start + ready_seconds); the figure is that time minus
 the moment sbatch was called. What it includes: Slurm's scheduling, staging the data, the
-environment's check (or sync), the database checks, the worker's start (`orion_tools.py hunt`)
+environment's check (or sync), the database checks, the worker's start (`python -m orion_tools hunt`)
 and the trial's own start (imports, data, model). Median and max over tasks and --repeat runs.
 
     uv run python benchmarks/job_start.py [--tasks 4] [--repeat 2] [--repo DIR]

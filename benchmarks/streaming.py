@@ -1,9 +1,9 @@
 """Streaming from disk: training batches (of 128) ready on the device per second, ours against
 upstream's design, on the same folder of photos and with the same number of worker processes.
 
-Ours: the README's photos module (its worked example, taken from the README as the tests take it):
+Ours: the photos module of docs/make-it-yours.md (its worked example, taken as the tests take it):
 torchvision's ImageFolder decodes and resizes each photo to a uint8 tensor in DataLoader workers;
-trial_data.Data serves the batches in the epoch's checkpointed order (persistent workers, pinned
+trial_support.Data serves the batches in the epoch's checkpointed order (persistent workers, pinned
 memory on a GPU) and `Data.prepare` standardizes each batch on the device, as main.py's train_step
 does. Upstream's design: the same ImageFolder with `ToTensor` and `Normalize` in the workers
 (float32 batches), a DataLoader with shuffle=True, workers started anew every epoch, each batch
@@ -26,7 +26,7 @@ BATCH_SIZE = 128
 
 
 def photos_module(folder: Path):
-    """The README's photos.py, written to `folder` and imported."""
+    """docs/make-it-yours.md's photos.py, written to `folder` and imported."""
     from test_make_it_yours import worked_example
 
     name, code, _, _ = worked_example("a folder of photos")
@@ -63,7 +63,7 @@ def main() -> None:
 
     import torch
     from torchvision import datasets, transforms
-    from trial_data import Data
+    from trial_support import Data
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     folder = Path(tempfile.mkdtemp(prefix="streaming-"))

@@ -18,7 +18,7 @@ whole file). What other workers wait for is this plus the state's load.
 
 Two ways, in the same process, alternating: "Oríon's copies" (Oríon 0.2.7 as it is: its
 algorithm wrappers and registry copy the state with `copy.deepcopy`) and "orion_tools"
-(what `orion_tools.py hunt` installs: `install_fast_algorithm_copies`, the same copies by a
+(what `python -m orion_tools hunt` installs: `install_fast_algorithm_copies`, the same copies by a
 pickle round trip). Medians of the repeats.
 
     uv run python benchmarks/tpe_lock.py [--quick] [--sizes 100 500 2000 5000] [--repeats 5] [--json FILE]

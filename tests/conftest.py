@@ -32,18 +32,19 @@ import main  # noqa: E402  (after OMP_WAIT_POLICY: it imports torch)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAIN_PY = REPO_ROOT / "main.py"
 README = REPO_ROOT / "README.md"
+DOCS = REPO_ROOT / "docs"  # The README's reference pages.
 # A light stand-in for main.py, for tests of the search machinery (see its docstring).
 STANDIN_TRIAL = REPO_ROOT / "tests" / "standin_trial.py"
 
 
 def standin_hunt_command(experiment: str, config: Path, working_dir: Path, *trial_args,
                          worker_records: Path | None = None) -> list[str]:
-    """An `orion_tools.py hunt` worker as job.sh starts one (run it from REPO_ROOT), with the
+    """An `python -m orion_tools hunt` worker as job.sh starts one (run it from REPO_ROOT), with the
     stand-in as its trial and `--learning-rate` searched. --working-dir as in job.sh: without it
     each worker makes a temporary folder for the trials and deletes it when it exits, under the
     trials the other workers still run."""
     records = ["--worker-records", str(worker_records)] if worker_records else []
-    return [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", *records, "-n", experiment,
+    return [sys.executable, "-W", "ignore", "-m", "orion_tools", "hunt", *records, "-n", experiment,
             "--config", str(config), "--working-dir", str(working_dir),
             sys.executable, str(STANDIN_TRIAL), "--learning-rate~loguniform(1e-5, 1.0)",
             *map(str, trial_args)]
@@ -118,9 +119,11 @@ def read_metrics(trial_dir: Path) -> list[dict]:
 
 
 def readme_commands(program: str) -> list[str]:
-    """The `program ...` lines of the README's code blocks, without trailing comments."""
+    """The `program ...` lines of the code blocks of the README and its pages in docs/, without
+    trailing comments."""
     commands, in_code = [], False
-    for line in README.read_text().splitlines():
+    text = "\n".join(page.read_text() for page in [README, *sorted(DOCS.glob("*.md"))])
+    for line in text.splitlines():
         if line.startswith("```"):
             in_code = not in_code
         elif in_code and line.strip().removeprefix("$ ").startswith(program + " "):

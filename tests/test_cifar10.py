@@ -128,7 +128,7 @@ def test_augment_crops_and_flips_on_the_device():
 
 
 def stage(destination, source, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", "orion_tools.py", "stage-data", "--module", "cifar10.py",
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "orion_tools", "stage-data", "--module", "cifar10.py",
                            "--destination", str(destination)], cwd=REPO_ROOT,
                           env=clean_env(CIFAR10_ARCHIVE=source, **env), capture_output=True, text=True, timeout=120)
 

@@ -1,4 +1,4 @@
-"""The cluster's faults around Oríon's database, with real `orion_tools.py hunt` workers.
+"""The cluster's faults around Oríon's database, with real `python -m orion_tools hunt` workers.
 
 A worker SIGKILLed while it holds the database lock (flock, and a soft lock from this host and
 from another host), a holder of the lock stalled (SIGSTOP) past the lease, a database that stays
@@ -36,7 +36,7 @@ LEASE = 3
 
 def start_worker(folder: Path, config: str, *trial_args, database: Path | None = None,
                  log_name: str = "worker.log", **env) -> subprocess.Popen:
-    """One `orion_tools.py hunt` worker of experiment "faults" running the stand-in trial, as job.sh runs it."""
+    """One `python -m orion_tools hunt` worker of experiment "faults" running the stand-in trial, as job.sh runs it."""
     (folder / "orion-config.yml").write_text(config)
     env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=database or folder / "orion_db.pkl", **env)
     return subprocess.Popen(
@@ -208,7 +208,7 @@ def test_a_heartbeat_too_short_for_the_lease_is_refused(tmp_path):
     assert worker.wait(timeout=120) == 1
     assert (tmp_path / "worker.log").read_text() == (
         f"error: ORION_HEARTBEAT={orion_tools.MIN_HEARTBEAT - 1} s is too short: a heartbeat must be able to wait "
-        f"out the database lock's lease (90 s, orion_tools.py); use at least {orion_tools.MIN_HEARTBEAT}, "
+        f"out the database lock's lease (90 s, orion_tools); use at least {orion_tools.MIN_HEARTBEAT}, "
         "e.g. job.sh's default, 30\n")
 
 

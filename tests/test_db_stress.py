@@ -1,4 +1,4 @@
-"""benchmarks/db_stress.py, reduced: 8 concurrent `orion_tools.py hunt` workers, 24 trials, TPE
+"""benchmarks/db_stress.py, reduced: 8 concurrent `python -m orion_tools hunt` workers, 24 trials, TPE
 as job.sh configures it, on one PickledDB file, for each of Oríon's two lock kinds, one worker
 SIGSTOPped for a few seconds (the database lock's holder, if one is seen); nothing lost, run
 twice, rolled back, unreadable, broken or timed out, and every worker exits 0. (The benchmark's

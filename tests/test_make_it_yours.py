@@ -1,12 +1,12 @@
-"""README's "Make it yours" worked examples, each applied as written there to a copy of the project.
+"""The worked examples of docs/make-it-yours.md, each applied as written there to a copy of the project.
 
 Three kinds of research: digits (small images held on the device, a small CNN, --dropout), a
 regression on a CSV of float features (an MLP, a Huber loss whose --huber-delta is searched, the
 validation MSE as the objective) and a folder of photos streamed from disk by torchvision's
-ImageFolder (its own validation split, --label-smoothing in the loss). For each: the README's new
+ImageFolder (its own validation split, --label-smoothing in the loss). For each: the page's new
 module and its diff to main.py and job.sh, applied to a copy; then a trial, a resume after SIGTERM,
 the dry run of the search, a bad value, a prior too wide, and the pipeline tests
-(tests/test_main.py), unchanged, on the new data. If the README's examples and the code drift
+(tests/test_main.py), unchanged, on the new data. If the page's examples and the code drift
 apart, the diff no longer applies, or what it builds fails here.
 """
 
@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import README, REPO_ROOT, clean_env, read_metrics, read_trials
+from conftest import DOCS, REPO_ROOT, clean_env, read_metrics, read_trials
 from trial_support import RECORD_FIELDS
 
 
 @dataclass
 class Example:
-    heading: str  # The start of its README heading, after "### Worked example: ".
+    heading: str  # The start of its heading in docs/make-it-yours.md, after "## Worked example: ".
     trial: list  # main.py's arguments for a short trial that learns.
     shape: str  # The Data: line's description of the inputs and targets.
     new_argument: str  # The hyperparameter it adds, which Oríon searches.
@@ -54,8 +54,8 @@ EXAMPLES = {
 
 
 def worked_example(heading: str) -> tuple[str, str, str, str]:
-    """(the new module's name, its code, the diff, the sample command), from the README's worked example."""
-    section = README.read_text().split(f"### Worked example: {heading}")[1].split("\n## ")[0].split("\n### ")[0]
+    """(the new module's name, its code, the diff, the sample command), from docs/make-it-yours.md's worked example."""
+    section = (DOCS / "make-it-yours.md").read_text().split(f"## Worked example: {heading}")[1].split("\n## ")[0]
     [module] = re.findall(r"```python\n(.*?)```", section, re.S)
     [diff] = re.findall(r"```diff\n(.*?)```", section, re.S)
     [name] = re.findall(r"^\+import (\w+) as dataset$", diff, re.M)
@@ -81,13 +81,13 @@ def project(request, tmp_path_factory) -> tuple[Path, dict, str, Example]:
     (project / f"{name}.py").write_text(module)
     applied = subprocess.run(["git", "apply", "--verbose", "-"], input=diff, cwd=project, capture_output=True,
                              text=True)
-    assert applied.returncode == 0, f"README's diff does not apply to main.py and job.sh: {applied.stderr}"
+    assert applied.returncode == 0, f"the page's diff does not apply to main.py and job.sh: {applied.stderr}"
     env = clean_env(HOME=folder / "home", SCRATCH=folder / "scratch", XDG_CONFIG_HOME=folder / "config")
-    # As written in the README, `~` included (in this test's own HOME).
+    # As written there, `~` included (in this test's own HOME).
     sample = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} {command}"],
                             cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert sample.returncode == 0, sample.stderr
-    staged = subprocess.run([sys.executable, "orion_tools.py", "stage-data", "--module", f"{name}.py",
+    staged = subprocess.run([sys.executable, "-m", "orion_tools", "stage-data", "--module", f"{name}.py",
                              "--destination", str(folder / "data")], cwd=project, env=env, capture_output=True,
                             text=True, timeout=300)
     assert staged.returncode == 0, staged.stderr

@@ -121,7 +121,7 @@ def test_diverged_trials_complete_and_the_search_goes_on(data_dir, tmp_path, alg
         f"experiment:\n  algorithm:\n    {algorithm}\n  max_trials: 5\n  max_broken: 1\n"
         f"storage:\n  database:\n    type: pickleddb\n    host: {database}\n")
     hunt = subprocess.run(
-        [sys.executable, "-W", "ignore", "orion_tools.py", "hunt", "-n", "diverging", "--config",
+        [sys.executable, "-W", "ignore", "-m", "orion_tools", "hunt", "-n", "diverging", "--config",
          str(tmp_path / "config.yml"), "--working-dir", str(tmp_path / "trials"), sys.executable, str(trial),
          "--data-dir", str(data_dir), "--batch-size", "64", *(["--epochs", "1"] if not fidelity else fidelity),
          "--learning-rate~loguniform(1e-3, 1e30)"],

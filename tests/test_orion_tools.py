@@ -1,4 +1,4 @@
-"""orion_tools.py against a real PickledDB file (no Oríon mocked)."""
+"""orion_tools against a real PickledDB file (no Oríon mocked)."""
 
 import datetime
 import json
@@ -38,7 +38,7 @@ def reserve(experiment, heartbeat=BEFORE_JOB_START):
 
 
 def write_worker_file(trials_dir, trial, job_id: str, content: str | None = None) -> None:
-    """The worker.json that `orion_tools.py hunt` writes when it starts running the trial."""
+    """The worker.json that `python -m orion_tools hunt` writes when it starts running the trial."""
     (trials_dir / trial.id).mkdir(parents=True, exist_ok=True)
     (trials_dir / trial.id / orion_tools.WORKER_FILE).write_text(content if content is not None else json.dumps(
         {"slurm_job": job_id, "host": "node1", "pid": 42, "reserved_at": trial.start_time.isoformat()}))
@@ -119,7 +119,7 @@ def test_mark_interrupted_is_false_for_a_trial_another_worker_changed(database, 
 def test_command_line_reclaim_without_the_experiment_exits_0(database, tmp_path):
     # A requeued job that was killed while staging: no experiment yet. job.sh runs under set -e.
     result = subprocess.run(
-        [sys.executable, "orion_tools.py", "reclaim", "--database", database, "--experiment", "exp",
+        [sys.executable, "-m", "orion_tools", "reclaim", "--database", database, "--experiment", "exp",
          "--trials-dir", str(tmp_path), "--job-id", JOB_ID, "--since", str(JOB_START)],
         env=clean_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -136,7 +136,7 @@ def test_reclaim_without_the_experiment_says_so(database, tmp_path, capsys):
 
 
 def start_workers(tmp_path, n_workers: int, budget: int, trial_seconds: float) -> list:
-    """`n_workers` concurrent `orion_tools.py hunt` workers on one PickledDB, running the stand-in trial."""
+    """`n_workers` concurrent `python -m orion_tools hunt` workers on one PickledDB, running the stand-in trial."""
     config = tmp_path / "orion-config.yml"
     config.write_text(
         f"experiment:\n  algorithm:\n    random:\n      seed: 1\n  max_trials: {budget}\n"
@@ -236,7 +236,7 @@ def test_fewer_workers_than_budget_run_exactly_the_budget(tmp_path):
 
 def test_a_worker_never_imports_torch(tmp_path):
     """Oríon's own CLI imports torch in every worker (3.8 s and ~400 MiB each, for `orion serve`):
-    `orion_tools.py hunt` builds only hunt's parser. Seen from outside: torch's libraries are
+    `python -m orion_tools hunt` builds only hunt's parser. Seen from outside: torch's libraries are
     never mapped into the worker's memory, while its trial runs (the stand-in sleeps 4 s)."""
     [worker] = start_workers(tmp_path, n_workers=1, budget=1, trial_seconds=4)
     maps = []
@@ -315,7 +315,7 @@ def test_an_idle_worker_fails_only_when_the_search_is_stuck(experiment, capsys, 
 
 
 def check_database(database, *experiment) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", "orion_tools.py", "check-database", "--database",
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "orion_tools", "check-database", "--database",
                            str(database), *experiment], cwd=REPO_ROOT, env=clean_env(), capture_output=True,
                           text=True, timeout=120)
 
@@ -458,8 +458,8 @@ def test_tpe_suggests_the_same_trials_with_orion_tools_state_copies(tpe_lock, tm
 
 
 def test_an_unwritable_lock_trace_is_one_warning_and_the_worker_goes_on(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(orion_tools, "LOCK_TRACE", str(tmp_path / "missing-folder" / "locks.jsonl"))
-    monkeypatch.setattr(orion_tools, "TRACE_FAILED", orion_tools.threading.Event())
+    monkeypatch.setattr(orion_tools.database, "LOCK_TRACE", str(tmp_path / "missing-folder" / "locks.jsonl"))
+    monkeypatch.setattr(orion_tools.database, "TRACE_FAILED", orion_tools.threading.Event())
     orion_tools.trace_lock("database", 0.1, 0.2)
     orion_tools.trace_lock("algorithm", 0.1, 0.2)
     warnings = capsys.readouterr().err.splitlines()
@@ -469,7 +469,7 @@ def test_an_unwritable_lock_trace_is_one_warning_and_the_worker_goes_on(monkeypa
 
 def test_the_lock_trace_is_one_json_line_per_hold(monkeypatch, tmp_path):
     trace = tmp_path / "locks.jsonl"
-    monkeypatch.setattr(orion_tools, "LOCK_TRACE", str(trace))
+    monkeypatch.setattr(orion_tools.database, "LOCK_TRACE", str(trace))
     orion_tools.trace_lock("database", 0.5, 0.25)
     orion_tools.trace_lock("algorithm", 0.0, 1.5)
     lines = [json.loads(line) for line in trace.read_text().splitlines()]

@@ -1,6 +1,6 @@
-"""orion_tools.py report and summary: what the user sees at the end of a search (and during it).
+"""orion_tools report and summary: what the user sees at the end of a search (and during it).
 
-Real Oríon, real PickledDB: a real ASHA search by `orion_tools.py hunt` workers running the
+Real Oríon, real PickledDB: a real ASHA search by `python -m orion_tools hunt` workers running the
 stand-in trial (tests/standin_trial.py, which writes main.py's metrics.jsonl), then the
 report's command line as job.sh runs it (kaleido included); the cases around it (a search
 under way, an empty or missing experiment) run in-process, their PNG writer stubbed out.
@@ -24,7 +24,7 @@ STANDIN_EPOCH_SECONDS = 1.5 + 0.25  # The stand-in's train_seconds + val_seconds
 
 
 def orion_tools_command(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-W", "ignore", "orion_tools.py", *map(str, args)], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "orion_tools", *map(str, args)], cwd=REPO_ROOT,
                           env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -48,7 +48,7 @@ def search(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def report_run(search) -> subprocess.CompletedProcess:
-    """`orion_tools.py report` with its defaults: the trials and the report beside the database."""
+    """`orion_tools report` with its defaults: the trials and the report beside the database."""
     return orion_tools_command("report", "--experiment", "exp", "--database", search["database"])
 
 
@@ -60,7 +60,7 @@ def summary_txt(search, report_run) -> str:
 
 @pytest.fixture(scope="module")
 def orions_best(search):
-    """The best trial as Oríon's own statistics see it, not as orion_tools.py does."""
+    """The best trial as Oríon's own statistics see it, not as orion_tools does."""
     stats = get_experiment("exp", storage=orion_tools.storage(str(search["database"]))).stats
     return stats.best_trials_id, stats.best_evaluation
 
@@ -174,7 +174,7 @@ def no_kaleido(monkeypatch) -> list:
         path.write_bytes(PNG_MAGIC)
         written.append(path.name)
 
-    monkeypatch.setattr(orion_tools, "write_png", write_png)
+    monkeypatch.setattr(orion_tools.reporting, "write_png", write_png)
     return written
 
 
@@ -230,7 +230,7 @@ def test_report_if_done_during_the_search_writes_nothing(under_way, no_kaleido):
 
 def test_report_if_done_during_the_search_says_how_to_make_one_with_uv(under_way, no_kaleido, capsys):
     report_main(under_way, "--if-done")
-    assert "(make one now with: uv run python orion_tools.py report --experiment exp " in capsys.readouterr().out
+    assert "(make one now with: uv run python -m orion_tools report --experiment exp " in capsys.readouterr().out
 
 
 def test_report_if_done_during_the_search_ends_with_the_summary(under_way, no_kaleido, capsys):

@@ -1,4 +1,4 @@
-"""The data contract (trial_data.py), on data of its own: images, float features and token ids; classes
+"""The data contract (trial_support/data.py), on data of its own: images, float features and token ids; classes
 or float targets; held on the device or streamed; and every mistake a data set module can make, each
 one error line. Independent of main.py's data set: these pass whatever main.py trains on."""
 

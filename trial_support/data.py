@@ -107,8 +107,7 @@ class Data:
                 self.valid_targets = valid_targets.to(device, self.target_dtype)
             except torch.cuda.OutOfMemoryError:
                 raise DataProblem(f"take {self.resident_bytes / 2**30:.1f} GiB, more than the GPU has free: return a "
-                                  "torch Dataset as `dataset` to stream them from disk (README, \"Data larger than "
-                                  "memory\"), or run fewer trials per GPU (--ntasks-per-gpu)") from None
+                                  "torch Dataset as `dataset` to stream them from disk (docs/make-it-yours.md), or run fewer trials per GPU (--ntasks-per-gpu)") from None
         self.mean, self.std = statistics(loaded, self.input_shape, device)
         # channels_last is what the GPU's tensor cores are fast at, for batches of images.
         self.memory_format = memory_format if len(self.input_shape) == 3 else torch.contiguous_format

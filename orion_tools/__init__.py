@@ -1,0 +1,44 @@
+"""What job.sh does in Python, beyond `orion hunt` itself: one subcommand per task.
+
+    python -m orion_tools hunt [--worker-records DIR] -n NAME --config FILE ... python main.py ...
+                                                  # orion hunt, exact budget; records what it ran
+    python -m orion_tools reclaim --experiment NAME --trials-dir DIR --job-id ID --since EPOCH
+    python -m orion_tools job-verdict --worker-records DIR --hunt-status N [--experiment NAME]
+                                                  # what a job ran, its exit code
+    python -m orion_tools stage-data --module cifar10.py --destination DIR   # the data set, on a node
+    python -m orion_tools check-database [--experiment NAME]   # refuse an emptied database, back it up
+    python -m orion_tools check-experiment --experiment NAME --algorithm YAML -- python main.py ...
+                                                  # refuse a bad prior, or a rerun with other settings
+    python -m orion_tools summary [--experiment NAME]       # trials by status, best so far: 2 lines
+    python -m orion_tools report [--experiment NAME] [--trials-dir DIR] [--output DIR] [--if-done]
+
+The database is the PickledDB file of --database (default: $ORION_DB_ADDRESS, which job.sh
+exports). One module per concern; each imports only those above it in this list:
+
+    database.py        the database lock (kernel lock or lease), fenced writes, whole files, read-only experiment
+    budget.py          an exact budget, results shown as they come, the end of the search
+    algorithm_lock.py  the algorithm lock's takeover, the algorithm state's copies
+    heartbeat.py       a running trial's heartbeat, its process, a worker that stops in one line
+    records.py         worker records, reclaim, job-verdict
+    reporting.py       summary and report
+    checks.py          check-database, check-experiment
+    stage.py           stage-data
+    patches.py         every Oríon function replaced, in one list (docs/orion-patches.md: why, and the tests)
+    worker.py          hunt: Oríon's hunt with the patches installed
+    cli.py             the command line
+
+To add a subcommand, write a function `name(args) -> exit code` in its module and its parser in
+cli.py's `parse_args`.
+"""
+
+from .database import *  # noqa: F401,F403
+from .budget import *  # noqa: F401,F403
+from .algorithm_lock import *  # noqa: F401,F403
+from .heartbeat import *  # noqa: F401,F403
+from .records import *  # noqa: F401,F403
+from .reporting import *  # noqa: F401,F403
+from .checks import *  # noqa: F401,F403
+from .stage import *  # noqa: F401,F403
+from .patches import *  # noqa: F401,F403
+from .worker import *  # noqa: F401,F403
+from .cli import *  # noqa: F401,F403

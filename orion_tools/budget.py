@@ -1,0 +1,198 @@
+"""The search's budget and its end, for `hunt`'s workers: trials produced within max_trials
+(`produce_within_budget`), results shown to the algorithm as they come (`observe_patiently`), the
+search done when the budget is (`done_within_budget`), a SIGTERM that Oríon holds back while a
+worker waits (`note_signal`), and the verdict of a worker left idle (`idle_verdict`).
+"""
+
+import copy
+import datetime
+import sys
+import threading
+import time
+
+
+import orion.core
+from orion.algo.hyperband import Hyperband
+from orion.core.io.database import DuplicateKeyError
+from orion.client.runner import Protected
+from orion.core.worker.experiment import Experiment
+from orion.core.worker.trial import Trial
+
+from .database import LOCK_WAIT
+
+# --- hunt: `orion hunt`, with an exact budget ------------------------------------------------
+# Oríon 0.2.7 hands out trials until `max_trials` have *completed*: W workers run up to
+# max_trials + W - 1 trials, and a worker with nothing left waits a minute, then raises
+# LazyWorkers. Trials are produced (suggested and registered) by one worker at a time, under
+# the experiment's algorithm lock, in `Producer.produce`; we replace that method and
+# `Experiment.is_done` for this process only (Oríon is dormant upstream; every
+# replacement: docs/orion-patches.md). Broken trials do not count: the search replaces them, up
+# to max_broken.
+
+
+def trials_left(experiment, trials) -> int:
+    """How many more trials the budget (max_trials) allows: every trial counts but broken ones."""
+    return experiment.max_trials - sum(trial.status != "broken" for trial in trials)
+
+
+def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> int:
+    """Oríon's `Producer.produce`, suggesting no more trials than the budget has left."""
+    produced = 0
+    if trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False)) <= 0:
+        # Budget used: this worker waits for the last trials (`done_within_budget`). Oríon's
+        # runner asks again at once, a dozen database operations each time: not more often.
+        time.sleep(min(5.0, orion.core.config.worker.heartbeat / 4))
+        return 0
+    # Not Oríon's 60 s: long enough to see a stale lock (`algorithm_lock`).
+    timeout = ALGORITHM_LOCK_TIMEOUT if timeout is None else timeout
+    with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
+        trials = self.experiment.fetch_trials(with_evc_tree=False)
+        # Results the algorithm missed: their worker was killed, or took a SIGTERM, between the
+        # trial's end and `observe` (see `observe_patiently`). Shown now, so that it suggests on them.
+        missed = [trial for trial in trials if trial.status in ("completed", "broken")
+                  and not algorithm.has_observed(trial)]
+        if missed:
+            algorithm.observe(as_the_algorithm_sees_them(algorithm, missed))
+            shown = ", ".join(t.id for t in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+            print(f"The algorithm sees now the result of trial(s) {shown}, which it had missed", flush=True)
+        # Counted under the lock: no other worker produces meanwhile.
+        left = trials_left(self.experiment, trials)
+        for trial in algorithm.suggest(min(pool_size, left)) if left > 0 else []:
+            try:
+                self.experiment.register_trial(trial)
+                produced += 1
+            except DuplicateKeyError:  # The algorithm suggested a trial it had already.
+                pass
+    return produced
+
+
+ORIONS_IS_DONE = Experiment.is_done  # Before `hunt` replaces it.
+
+
+# The end of a search: once the budget is handed out, a worker with nothing to run used to exit
+# at once, even while other workers' trials were still reserved: when the last of those workers
+# died (SIGKILL, node failure), no worker was left to resume its trial once it counted as lost,
+# and the search ended short, exit 0. Now a worker that has run a trial stays while any trial is
+# reserved (it polls every ORION_HEARTBEAT / 4 s, at most 5 s), and resumes a trial that
+# becomes lost; a worker that never got one (a spare: more workers than trials) still exits at
+# once, since the workers that did get one stay. (Up to `idle_timeout`, as for any idle worker.)
+RAN_A_TRIAL = threading.Event()
+
+
+def done_within_budget(self) -> bool:
+    """Oríon's `is_done`, or: the budget is used up, no trial is waiting for a worker, and (for a
+    worker that has run a trial) no trial is still reserved by another.
+
+    A waiting trial is `new`, `interrupted` (preempted), or `reserved` by a worker that died
+    (no heartbeat for 5 x ORION_HEARTBEAT: Oríon then hands it out again).
+    """
+    EXPERIMENT[:] = [self]
+    if ORIONS_IS_DONE.fget(self):
+        return True
+    lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
+    trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for all questions.
+    waiting = [
+        trial for trial in trials
+        if trial.status in ("new", "interrupted")
+        or (trial.status == "reserved" and trial.heartbeat is not None and trial.heartbeat <= lost_before)
+    ]
+    if trials_left(self, trials) > 0 or waiting:
+        return False
+    return not (RAN_A_TRIAL.is_set() and any(trial.status == "reserved" for trial in trials))
+
+
+
+# More faults that Oríon 0.2.7 does not handle in a worker:
+# - A trial killed with SIGKILL (the kernel's out-of-memory killer, `scancel --signal=KILL`)
+#   became `broken` and counted toward max_broken, like a failure of main.py itself. The cluster
+#   ended it, not main.py: it becomes `interrupted`, resumed later from its last checkpoint, and
+#   this worker stops (its job says why), so a configuration that always exhausts the host's
+#   memory costs each worker one try, not a loop. See docs/preemption.md.
+# - After each trial, a worker waits for the algorithm's lock (a flag in the database, polled
+#   every second) to show the result to the algorithm, for at most 60 s, hard-coded; with 50
+#   workers or more on one PickledDB the wait can be longer, and the worker died of
+#   LockAcquisitionTimeout (benchmarks/db_stress.py; docs/many-workers.md).
+ALGORITHM_LOCK_TIMEOUT = 600  # s
+
+
+# Oríon shows a result to the algorithm inside a block that holds back SIGTERM (the runner's
+# `Protected`): a worker that Slurm signals while it waits for the algorithm lock (up to
+# ALGORITHM_LOCK_TIMEOUT) stayed deaf to it, past job.sh's 120 s before the time limit. Once a
+# SIGTERM is pending, the wait ends: the result is in the database already (the trial is
+# `completed`), and the next `produce`, by any worker, shows it to the algorithm.
+TERM_PENDING = threading.Event()
+ORIONS_PROTECTED_HANDLER = Protected.handler
+
+
+def note_signal(self, sig, frame) -> None:
+    """Oríon's `Protected.handler` (a SIGINT or SIGTERM held back), which also tells `algorithm_lock`."""
+    TERM_PENDING.set()
+    ORIONS_PROTECTED_HANDLER(self, sig, frame)
+
+
+class ObserveLater(Exception):
+    """The wait for the algorithm lock was cut short by a pending SIGTERM (`observe_patiently`)."""
+
+
+# ASHA and Hyperband keep a broken trial in its rung with no objective: a rung that needs it
+# never fills, nothing more is promoted, and the search stalls (orion/algo/hyperband.py). They
+# are shown such a trial as completed with an infinite objective instead (the database keeps it
+# `broken`): its rung fills, it is never promoted, and a trial replaces it within the budget.
+def as_the_algorithm_sees_them(algorithm, trials: list) -> list:
+    """The trials to show the algorithm: for ASHA and Hyperband, a broken one as the worst completed."""
+    if not isinstance(algorithm.unwrapped, Hyperband):
+        return trials
+    shown = []
+    for trial in trials:
+        if trial.status == "broken":
+            trial = copy.deepcopy(trial)
+            trial.status = "completed"
+            trial.results = [Trial.Result(name="objective", type="objective", value=float("inf"))]
+        shown.append(trial)
+    return shown
+
+
+def observe_patiently(self, trial) -> None:
+    """Oríon's `Producer.observe`, waiting up to ALGORITHM_LOCK_TIMEOUT for the algorithm's lock,
+    unless a SIGTERM is pending."""
+    LOCK_WAIT.unless_signalled = True
+    try:
+        with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
+            algorithm.observe(as_the_algorithm_sees_them(algorithm, [trial]))
+    except ObserveLater:
+        print(f"warning: signalled while waiting for the algorithm lock: the result of trial {trial.id} is saved, "
+              "and the algorithm sees it at the next suggestion", file=sys.stderr, flush=True)
+    finally:
+        LOCK_WAIT.unless_signalled = False
+
+
+
+EXPERIMENT: list = []  # The experiment this worker runs, once `done_within_budget` has seen it.
+
+
+def idle_verdict() -> int:
+    """After LazyWorkers: 0 if nothing is left for this worker, else one line and 1."""
+    experiment = EXPERIMENT[0]
+    trials = experiment.fetch_trials(with_evc_tree=False)
+    completed = sum(trial.status == "completed" for trial in trials)
+    lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
+    running = [trial for trial in trials if trial.status == "reserved"
+               and trial.heartbeat is not None and trial.heartbeat > lost_before]
+    if completed >= experiment.max_trials:
+        print("No trial left for this worker: done.", flush=True)
+        return 0
+    if running:
+        print(f"No trial left for this worker; {len(running)} trial(s) still run in other workers, "
+              "which finish the search.", flush=True)
+        return 0
+    broken = [trial.id for trial in trials if trial.status == "broken"]
+    algorithm = next(iter(experiment.configuration["algorithm"]))
+    why = (f"{algorithm} suggests no more trials while {len(broken)} trial(s) are "
+           f"broken (ASHA and Hyperband wait for a broken trial's rung): fix their cause (their train.log), "
+           "then run a new experiment (ORION_EXPERIMENT=<new name>)" if broken else
+           "the algorithm suggests no more trials: see `python -m orion_tools summary`")
+    print(f"error: search {experiment.name} stopped at {completed} of {experiment.max_trials} completed trials, "
+          f"no trial to run for idle_timeout: {why}", file=sys.stderr, flush=True)
+    return 1
+
+

@@ -1,0 +1,193 @@
+"""What the workers record, and what is read from it: who runs a trial (its folder's worker.json),
+how each of a worker's trials ended (--worker-records DIR), Oríon's runner tracebacks kept in the
+worker's log; `reclaim` (a requeued job takes its own trials back) and `job-verdict` (a job's exit
+code).
+"""
+
+import collections
+import datetime
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+
+import orion.core
+from orion.client import get_experiment
+from orion.core.worker.consumer import Consumer, ExecutionError
+from orion.core.utils.exceptions import NoConfigurationError
+from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
+
+from .database import open_experiment, storage, trials_dir_of, write_whole
+
+WORKER_FILE = "worker.json"
+
+
+
+def worker_of(trial_dir: Path) -> dict:
+    """What the worker that last started running the trial wrote of itself ({}: none, or unreadable)."""
+    try:
+        worker = json.loads((trial_dir / WORKER_FILE).read_text())
+    except (OSError, ValueError):  # No file yet, or one cut short by a kill.
+        return {}
+    return worker if isinstance(worker, dict) else {}
+
+
+def mark_interrupted(experiment, trial) -> bool:
+    """Sets a `reserved` trial to `interrupted`; False if it no longer was reserved."""
+    try:
+        experiment.storage.set_trial_status(trial, status="interrupted", was="reserved")
+    except FailedUpdate:  # Another worker reserved it again, or finished it, meanwhile.
+        return False
+    return True
+
+
+def reclaim(args) -> int:
+    """Marks `interrupted` the trials that this Slurm job, now requeued, left `reserved`.
+
+    Its workers then resume them at once, instead of Oríon handing them out again only once
+    their heartbeat is 5 x ORION_HEARTBEAT old (see docs/preemption.md). A trial is ours
+    when it is still reserved, its heartbeat predates this run of the job (--since: no live
+    worker has touched it since), and its folder's worker.json names this job *and this very
+    reservation* (the trial's start_time, which Oríon sets at each reservation): a worker of
+    another job that reserved the trial before we restarted, but has not yet written its own
+    worker.json, leaves ours from an earlier reservation, which then does not match.
+    """
+    try:
+        experiment = get_experiment(args.experiment, mode="w", storage=storage(args.database))
+    except NoConfigurationError:  # The job was killed before its first trial (e.g. while staging).
+        print(f"No experiment {args.experiment} in {args.database} yet: no trial to take back")
+        return 0
+    # Oríon stores heartbeats as naive UTC datetimes.
+    since = datetime.datetime.fromtimestamp(args.since, datetime.timezone.utc).replace(tzinfo=None)
+    for trial in experiment.fetch_trials_by_status("reserved"):
+        if trial.heartbeat is not None and trial.heartbeat >= since:
+            continue
+        worker = worker_of(Path(args.trials_dir, trial.id))
+        if worker.get("slurm_job") != args.job_id or worker.get("reserved_at") != iso(trial.start_time):
+            continue
+        if mark_interrupted(experiment, trial):
+            print(f"Trial {trial.id} was left reserved when this job was killed: marked interrupted")
+    return 0
+
+
+
+ORIONS_CONSUMER_CALL = Consumer.__call__
+WORKER_RECORDS: Path | None = None  # hunt's --worker-records.
+
+
+def iso(moment) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def record_worker(trial) -> None:
+    write_whole(Path(trial.working_dir, WORKER_FILE), json.dumps({
+        "slurm_job": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
+        "reserved_at": iso(trial.start_time)}))
+
+
+def record_outcome(trial, outcome: str) -> None:
+    if WORKER_RECORDS is None:
+        return
+    line = json.dumps({"trial": trial.id, "outcome": outcome, "end": time.time()}) + "\n"
+    with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as file:
+        file.write(line)
+
+
+def keep_trial_tracebacks_in_the_workers_log(record: logging.LogRecord) -> bool:
+    """Oríon's runner logs a broken trial's whole traceback (20 lines ending in `ExecutionError`,
+    the trial's exit code, three times for three broken trials), after the trial's own one error
+    line: that traceback goes to the worker's log, --worker-records DIR/HOST-PID.log, not to the
+    job's output. Other messages of the runner pass."""
+    message = record.getMessage()
+    if WORKER_RECORDS is None or "ExecutionError" not in message:
+        return True
+    with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.log", "a") as file:
+        file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {record.levelname} {record.name}: {message}\n")
+    return False
+
+
+def consume_and_record(self, trial, **kwargs):
+    """Oríon's run of one trial (`Consumer.__call__`), which records who ran it and how it ended."""
+    record_worker(trial)
+    try:
+        results = ORIONS_CONSUMER_CALL(self, trial, **kwargs)
+    except ExecutionError as error:
+        interrupted = error.return_code == orion.core.config.worker.interrupt_signal_code
+        record_outcome(trial, ("killed" if getattr(error, "killed", False) else "interrupted")
+                       if interrupted else "broken")
+        raise
+    except KeyboardInterrupt:
+        record_outcome(trial, "interrupted")
+        raise
+    except Exception:  # No results file, or an unreadable one: Oríon marks it broken.
+        record_outcome(trial, "broken")
+        raise
+    record_outcome(trial, "completed")
+    return results
+
+
+# A worker that found no trial to run for `idle_timeout` stops with Oríon's LazyWorkers (a
+# traceback), which job.sh took for "done". It is, only when nothing is left for this worker:
+# the budget is reached, or the trials left are reserved by live workers (fresh heartbeat),
+# which stay until the end (`done_within_budget`). Otherwise the search is stuck: ASHA, for one,
+# keeps a broken trial in its rung with no objective, so a rung that needs it never fills and
+# no trial is promoted (orion/algo/hyperband.py). Then one line, exit 1.
+
+# --- job-verdict: what a job ran, and its exit code ---------------------------------------------
+# `orion hunt` exits 0 even when every trial broke. The verdict comes from what the job's workers
+# recorded (--worker-records) and from the database, never from their logs.
+
+
+def read_worker_records(folder: Path) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # A line cut short by a kill.
+                continue
+    return records
+
+
+def job_verdict(args) -> int:
+    """Says what this job's workers ran and how it ended; exit 1 if a trial broke or was killed, or a
+    worker failed (--hunt-status: one that stopped while the search was stuck, among others)."""
+    records = read_worker_records(Path(args.worker_records))
+    outcomes = collections.Counter(r.get("outcome") for r in records)
+    ran = ", ".join(f"{n} {outcome}" for outcome, n in sorted(outcomes.items()))
+    print(f"This job ran {sum(outcomes.values())} trial(s) of experiment {args.experiment}"
+          + (f": {ran}" if ran else ""))
+    db = f"ORION_DB_TYPE=pickleddb ORION_DB_ADDRESS={args.database}"
+    verdict = 0
+    if outcomes["broken"]:
+        print(f"error: {outcomes['broken']} trial(s) of this job broke; their logs are in "
+              f"{trials_dir_of(args)}/<trial id>/train.log", file=sys.stderr)
+        verdict = 1
+        experiment, trials = open_experiment(args)
+        # Past max_broken, Oríon runs no trial of this experiment any more, in any job. (A worker
+        # also stops after worker.max_broken, 3, broken trials of its own.)
+        broken = sum(t.status == "broken" for t in trials)
+        remove = f"remove them with: {db} uv run orion db rm {args.experiment} --status broken --force"
+        if broken >= experiment.max_broken:
+            print(f"error: experiment {args.experiment} has too many broken trials ({broken}, max_broken "
+                  f"{experiment.max_broken}) and runs nothing more: fix the cause (a broken trial's train.log), "
+                  f"then {remove}", file=sys.stderr)
+        else:
+            print(f"error: experiment {args.experiment} has {broken} broken trial(s); at {experiment.max_broken} "
+                  f"(max_broken) it runs nothing more. Once the cause is fixed, {remove}", file=sys.stderr)
+    if outcomes["killed"]:
+        # Its worker stopped; the trial is `interrupted` and the next worker resumes it (docs/preemption.md).
+        print(f"error: {outcomes['killed']} trial(s) of this job were killed (SIGKILL: out of host memory?); they "
+              "resume in the next job or worker. If it keeps happening: sacct -j "
+              f"{os.environ.get('SLURM_JOB_ID', '<job id>')} --format=JobID,State,MaxRSS", file=sys.stderr)
+        verdict = 1
+    if args.hunt_status != 0 and verdict == 0:
+        print(f"error: a worker of this job failed (exit status {args.hunt_status}; see above)", file=sys.stderr)
+        verdict = 1
+    return verdict
+
+
