@@ -142,14 +142,19 @@ CLUSTER_SH = REPO_ROOT / "tests" / "slurm" / "cluster.sh"
 # to whichever worker is free. The slowest go first, so that no long test starts last and runs
 # alone at the end: SLOW_TESTS, seconds, from the suite's profile (benchmarks/RESULTS.md, "Test
 # suite"); only the order depends on them.
-SLOW_TESTS = {  # The run of 2026-12-02 15:25 (10 min 40 s), setup and call.
+SLOW_TESTS = {  # The run of 2026-12-02 15:25 (10 min 40 s), setup and call; 2026-12-05's new ones.
+    "test_make_it_yours.py::test_the_pipeline_tests_pass_unchanged_on_the_new_data": 125,  # Each of 3.
     "test_job_dry_run.py::test_rerun_of_an_asha_search_extends_it": 158,
     "test_preemption_slurm.py::test_time_limit_signal_checkpoints_and_requeues": 138,
     "test_preemption_slurm.py::test_requeued_array_resumes_its_trials": 138,
     "test_job_asha.py::test_asha_runs_its_budget": 120,
     "test_job.py::test_array_job_runs_the_search_and_readme_commands_show_it": 100,
     "test_orion.py::test_hunt_three_trials_then_info_and_plot": 98,
-    "test_make_it_yours.py::test_dry_run_of_the_search_searches_the_new_hyperparameter": 87,
+    "test_make_it_yours.py::test_dry_run_of_the_search_searches_the_new_hyperparameter": 57,
+    "test_make_it_yours.py::test_resume_after_sigterm_reproduces_the_run": 45,
+    "test_orion.py::test_diverged_trials_complete_and_the_search_goes_on": 47,
+    "test_streaming.py::test_sigterm_mid_epoch_then_resume_reproduces_the_run": 30,
+    "test_patches.py::test_every_installed_patch_has_a_row_and_every_row_is_installed": 20,
     "test_job_dry_run.py::test_runs_outside_slurm_on_a_workstation": 81,
     "test_benchmarks.py::test_quick_run_exits_0": 12,  # Each of 7: the quick runs start together.
     "test_job.py::test_job_whose_trials_break_fails": 74,
@@ -169,15 +174,15 @@ UNKNOWN_TEST_SECONDS = 1
 
 
 def module_fixtures(item) -> list[tuple]:
-    """The module-scoped fixture instances `item` uses (with their parameter, if any)."""
+    """The module-scoped fixture instances `item` uses: each named with the parameters of the
+    module-scoped fixtures the test uses (a fixture built on a parametrized one, as
+    test_make_it_yours's `uninterrupted` on `project`, is one instance per parameter)."""
     info = getattr(item, "_fixtureinfo", None)
     params = getattr(getattr(item, "callspec", None), "params", {})
-    used = []
-    for name in getattr(item, "fixturenames", ()):
-        definitions = info.name2fixturedefs.get(name) if info else None
-        if definitions and definitions[-1].scope == "module":
-            used.append((item.path, name, repr(params.get(name))))
-    return used
+    names = [name for name in getattr(item, "fixturenames", ())
+             if info and info.name2fixturedefs.get(name) and info.name2fixturedefs[name][-1].scope == "module"]
+    instance = repr(sorted((name, repr(params[name])) for name in names if name in params))
+    return [(item.path, name, instance) for name in names]
 
 
 def expected_seconds(item) -> float:
