@@ -46,6 +46,10 @@ def pickled_copy(value):
     return pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
 
 
+class AlgorithmRecordMissing(DatabaseLockError):
+    """The experiment has no algorithm document at all: one line saying so (not "release the lock")."""
+
+
 class AlgorithmLockTimeout(DatabaseLockError):
     """The algorithm lock stayed taken for ALGORITHM_LOCK_TIMEOUT: one line, naming `orion db release`."""
 
@@ -58,6 +62,7 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
     asked = time.monotonic()
     deadline = asked + timeout
     seen = None  # (the holder's heartbeat, when first seen)
+    missing = 0  # Consecutive looks that found no algorithm record at all.
     while True:
         mine = datetime.datetime.utcnow()
         document = self._db.read_and_write("algo", query=dict(experiment=uid, locked=0),
@@ -66,6 +71,12 @@ def algorithm_lock(self, experiment=None, uid=None, timeout=60, retry_interval=1
             break
         [current] = self._db.read("algo", {"experiment": uid}) or [None]
         now = time.monotonic()
+        missing = missing + 1 if current is None else 0
+        if missing >= 2:  # Not a lock held by someone: nothing to wait for, nothing to release.
+            raise AlgorithmRecordMissing(
+                f"experiment {name} has no algorithm record in {self._db.host} (the database was damaged or edited): "
+                f"restore its last good copy (job.sh's check-database keeps {self._db.host}.bak), or start a new "
+                "search with export ORION_EXPERIMENT=<a new name>")
         if current is None or current.get("locked") != 1:
             seen = None
         elif seen is None or seen[0] != current.get("heartbeat"):

@@ -17,6 +17,7 @@ from orion.core.io.database import DuplicateKeyError
 from orion.client.runner import Protected
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.trial import Trial
+from orion.core.worker.warm_start.warm_starteable import is_warmstarteable
 
 from .database import LOCK_WAIT
 
@@ -46,6 +47,11 @@ def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> in
     # Not Oríon's 60 s: long enough to see a stale lock (`algorithm_lock`).
     timeout = ALGORITHM_LOCK_TIMEOUT if timeout is None else timeout
     with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
+        # Oríon's warm start, as its own `produce` does it: an experiment given a knowledge base
+        # shows a warm-starteable algorithm the related experiments' trials, once per worker.
+        if self.experiment.knowledge_base and not self.warm_started and is_warmstarteable(algorithm):
+            algorithm.warm_start(self.experiment.knowledge_base.get_related_trials(self.experiment.configuration))
+            self.warm_started = True
         trials = self.experiment.fetch_trials(with_evc_tree=False)
         # Results the algorithm missed: their worker was killed, or took a SIGTERM, between the
         # trial's end and `observe` (see `observe_patiently`). Shown now, so that it suggests on them.

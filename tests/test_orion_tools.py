@@ -406,6 +406,19 @@ def test_an_algorithm_lock_that_stays_taken_names_orion_db_release(experiment, d
                                  "uv run orion db release exp")
 
 
+def test_a_missing_algorithm_record_is_named_as_such(experiment, database):
+    """Not "the lock stayed taken ... release it" (issue 24): there is no lock to release."""
+    storage = experiment._experiment._storage
+    storage._db.remove("algo", query={"experiment": experiment.id})
+    with pytest.raises(orion_tools.AlgorithmRecordMissing) as raised:
+        with orion_tools.algorithm_lock(storage, experiment=experiment._experiment, timeout=30, retry_interval=0.1):
+            pass
+    assert str(raised.value) == (
+        f"experiment exp has no algorithm record in {database} (the database was damaged or edited): restore its "
+        f"last good copy (job.sh's check-database keeps {database}.bak), or start a new search with export "
+        "ORION_EXPERIMENT=<a new name>")
+
+
 def test_an_algorithm_lock_taken_over_meanwhile_keeps_its_new_holders_state(experiment):
     storage = experiment._experiment._storage
     with pytest.raises(orion_tools.DatabaseLockLost):
