@@ -118,6 +118,16 @@ def read_metrics(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(trial_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def learning_curve(trial_dir: Path) -> list[dict]:
+    """What must not change when a run is interrupted and resumed: each epoch's training loss,
+    evaluate()'s metrics and the objective (every field of metrics.jsonl but timings and memory)."""
+    from trial_support import RECORD_FIELDS
+
+    kept = ("epoch", "train_loss", "objective", "untrained_objective")
+    return [{key: value for key, value in record.items() if key not in RECORD_FIELDS or key in kept}
+            for record in read_metrics(trial_dir)]
+
+
 def readme_commands(program: str) -> list[str]:
     """The `program ...` lines of the code blocks of the README and its pages in docs/, without
     trailing comments."""

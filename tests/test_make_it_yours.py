@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DOCS, REPO_ROOT, clean_env, read_metrics, read_trials
-from trial_support import RECORD_FIELDS
+from conftest import DOCS, REPO_ROOT, clean_env, learning_curve, read_metrics, read_trials
 
 
 @dataclass
@@ -133,10 +132,7 @@ def test_resume_after_sigterm_reproduces_the_run(project, uninterrupted, tmp_pat
     resumed = run_trial(project_dir, env, *example.trial, "--checkpoint-dir", folder)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "Resuming training at epoch" in resumed.stdout
-    # The epoch, the training loss, evaluate's metrics and the objective: all but timings and memory.
-    measured = lambda key: key not in RECORD_FIELDS or key in ("epoch", "train_loss", "objective")  # noqa: E731
-    curve = lambda records: [{k: v for k, v in r.items() if measured(k)} for r in records]  # noqa: E731
-    assert curve(read_metrics(folder)) == curve(read_metrics(uninterrupted[1]))
+    assert learning_curve(folder) == learning_curve(uninterrupted[1])
 
 
 def test_dry_run_of_the_search_searches_the_new_hyperparameter(project):

@@ -16,7 +16,8 @@ import torch
 import main
 import trial_support
 
-from conftest import EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, read_metrics, run_main, wait_for
+from conftest import (EPOCH_LINE, MAIN_PY, OBJECTIVE_LINE, REPO_ROOT, clean_env, learning_curve, read_metrics,
+                      run_main, wait_for)
 
 # The sample (450 training images for CIFAR-10) in batches of 32: a few seconds per epoch on this CPU.
 TRAIN_ARGS = ["--epochs", "2", "--batch-size", "32", "--learning-rate", "1e-3"]
@@ -33,11 +34,6 @@ def uninterrupted(data_dir, tmp_path_factory):
     result = run_main("--data-dir", data_dir, *TRAIN_ARGS, "--checkpoint-dir", trial_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout, trial_dir
-
-
-def learning_curve(trial_dir) -> list[tuple]:
-    """What must not change when a run is interrupted and resumed: its per-epoch results."""
-    return [(r["epoch"], r["train_loss"], r["objective"], r["untrained_objective"]) for r in read_metrics(trial_dir)]
 
 
 def test_sigterm_mid_epoch_then_resume_reproduces_the_run(data_dir, tmp_path, uninterrupted):

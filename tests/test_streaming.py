@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, clean_env, read_metrics, wait_for
+from conftest import REPO_ROOT, clean_env, learning_curve, read_metrics, wait_for
 from test_make_it_yours import worked_example
-from trial_support import RECORD_FIELDS
 
 ALLOWED = 512 * 2**20  # The memory cgroup's limit: about what torch, the model and two workers need.
 CGROUPS = Path("/sys/fs/cgroup/memory")  # cgroup v1's memory controller, as on this project's machines.
@@ -120,6 +119,4 @@ def test_sigterm_mid_epoch_then_resume_reproduces_the_run(cgroup, photos, uninte
     output, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, output
     assert "Resuming training at epoch 1, step" in output
-    measured = lambda key: key not in RECORD_FIELDS or key in ("epoch", "train_loss", "objective")  # noqa: E731
-    curve = lambda records: [{k: v for k, v in r.items() if measured(k)} for r in records]  # noqa: E731
-    assert curve(read_metrics(tmp_path)) == curve(read_metrics(uninterrupted[1]))
+    assert learning_curve(tmp_path) == learning_curve(uninterrupted[1])

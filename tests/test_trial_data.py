@@ -11,7 +11,7 @@ import torch
 
 import main
 from conftest import REPO_ROOT, clean_env
-from trial_support import Trial
+from trial_support import Data, Trial
 
 RNG = np.random.default_rng(0)
 IMAGES = dict(inputs=RNG.integers(0, 256, (40, 3, 8, 8), dtype=np.uint8), targets=RNG.integers(0, 4, 40),
@@ -37,7 +37,7 @@ class Pairs(torch.utils.data.Dataset):
         return item, self.targets[index]
 
 
-def load(loaded, *argv) -> "Data":  # noqa: F821
+def load(loaded, *argv) -> Data:
     return Trial(main.parse_args(["--batch-size", "4", "--loader-workers", "0", *argv])).load_data(lambda _: loaded)
 
 

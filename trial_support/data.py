@@ -24,10 +24,8 @@ as float32), or neither (inputs reach the model as they are: token ids stay inte
 """
 
 import logging
-import math
 import os
 import random
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -75,8 +73,10 @@ class Data:
             first_input, first_target = as_tensors(train[0])
             check_item_is_stable(train, first_input, first_target)
             self.train_size, self.valid_size = len(train), len(valid)
-            check_targets(torch.as_tensor(np.asarray(getattr(loaded["dataset"], "targets", [])))
-                          if hasattr(loaded["dataset"], "targets") else first_target.unsqueeze(0), self.classes)
+            # Every target where the Dataset lists them (torchvision's do), else the first one's.
+            all_targets = getattr(loaded["dataset"], "targets", None)
+            check_targets(torch.as_tensor(np.asarray(all_targets)) if all_targets is not None
+                          else first_target.unsqueeze(0), self.classes)
             self.input_shape, self.input_dtype = tuple(first_input.shape), first_input.dtype
             self.target_shape, self.target_dtype = tuple(first_target.shape), target_dtype(first_target.dtype)
             self.loader_workers = loader_workers
@@ -84,13 +84,12 @@ class Data:
             # and only indices travel to them. A generator of their own: making a loader's
             # iterator draws a seed, which must not move the trial's checkpointed random state.
             self.train_batches_to_read: list[list[int]] = []
+            reading = dict(num_workers=loader_workers, pin_memory=device.type == "cuda",
+                           persistent_workers=loader_workers > 0)
             self.train_loader = torch.utils.data.DataLoader(
-                train, batch_sampler=_BatchesToRead(self), num_workers=loader_workers,
-                pin_memory=device.type == "cuda", persistent_workers=loader_workers > 0,
-                generator=torch.Generator())
+                train, batch_sampler=_BatchesToRead(self), generator=torch.Generator(), **reading)
             self.valid_loader = torch.utils.data.DataLoader(
-                valid, batch_size=batch_size, num_workers=loader_workers, pin_memory=device.type == "cuda",
-                persistent_workers=loader_workers > 0, generator=torch.Generator())
+                valid, batch_size=batch_size, generator=torch.Generator(), **reading)
             self.resident_bytes = 0
         else:
             inputs, targets, valid_inputs, valid_targets = resident_split(loaded)
@@ -360,16 +359,3 @@ def statistics(loaded: dict, input_shape: tuple, device: torch.device):
                           "std must be positive and finite")
     view = (1, channels, *[1] * (len(input_shape) - 1)) if input_shape else (1,)
     return mean.view(view).to(device), std.view(view).to(device)
-
-
-def data_files(data_dir: Path) -> str:
-    """What is in --data-dir, for an error message: its first few entries."""
-    try:
-        names = sorted(p.name for p in Path(data_dir).iterdir())
-    except OSError:
-        return "no such folder"
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else "empty"
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
