@@ -141,9 +141,9 @@ check_and_set_defaults() {
     export ORION_DB_TYPE=pickleddb
     export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
     export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see docs/preemption.md.
-    # At least orion_tools' MIN_HEARTBEAT: 4 heartbeats must outlast the database lock's lease.
-    if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT < 23 )); then
-        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds of at least 23" \
+    # Every job on one database must use the same (orion_tools hunt refuses another while a trial runs).
+    if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT < 5 )); then
+        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds of at least 5" \
             "(docs/preemption.md), e.g. the default, 30" >&2
         exit 1
     fi
@@ -246,9 +246,9 @@ storage:
     database:
         type: pickleddb
         host: $ORION_DB_ADDRESS
-        # Seconds a worker waits for the database's lock (Oríon's default: 60). Above
-        # orion_tools' DATABASE_LOCK_LEASE (90 s), so a lock left by a killed worker is
-        # taken over before anyone gives up (docs/many-workers.md).
+        # Seconds a command waits for the database's lock (Oríon's default: 60), above
+        # orion_tools' DATABASE_LOCK_LEASE (90 s) after which a lock left by a killed worker
+        # is taken over; hunt's workers wait as long as it takes (docs/many-workers.md).
         timeout: 120
 EOF
     # For `uv run orion info/plot` as written: see README, "Quick start".

@@ -15,9 +15,11 @@
 The database is the PickledDB file of --database (default: $ORION_DB_ADDRESS, which job.sh
 exports). One module per concern; each imports only those above it in this list:
 
-    database.py        the database lock (kernel lock or lease), fenced writes, whole files, read-only experiment
+    database.py        the database lock (kernel lock or lease), writes fenced by generation, patient operations,
+                       whole files, the experiment read-only
+    lost_trials.py     when a reserved trial counts as lost
+    algorithm_lock.py  the algorithm lock: renewed, taken over, fenced; the algorithm state's copies
     budget.py          an exact budget, results shown as they come, the end of the search
-    algorithm_lock.py  the algorithm lock's takeover, the algorithm state's copies
     heartbeat.py       a running trial's heartbeat, its process, a worker that stops in one line
     records.py         worker records, reclaim, job-verdict
     reporting.py       summary and report
@@ -32,8 +34,9 @@ cli.py's `parse_args`.
 """
 
 from .database import *  # noqa: F401,F403
-from .budget import *  # noqa: F401,F403
+from .lost_trials import *  # noqa: F401,F403
 from .algorithm_lock import *  # noqa: F401,F403
+from .budget import *  # noqa: F401,F403
 from .heartbeat import *  # noqa: F401,F403
 from .records import *  # noqa: F401,F403
 from .reporting import *  # noqa: F401,F403

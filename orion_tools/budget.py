@@ -1,11 +1,10 @@
 """The search's budget and its end, for `hunt`'s workers: trials produced within max_trials
 (`produce_within_budget`), results shown to the algorithm as they come (`observe_patiently`), the
-search done when the budget is (`done_within_budget`), a SIGTERM that Oríon holds back while a
-worker waits (`note_signal`), and the verdict of a worker left idle (`idle_verdict`).
+search done when the budget is (`done_within_budget`), and the verdict of a worker left idle
+(`idle_verdict`).
 """
 
 import copy
-import datetime
 import sys
 import threading
 import time
@@ -13,13 +12,13 @@ import time
 
 import orion.core
 from orion.algo.hyperband import Hyperband
-from orion.core.io.database import DuplicateKeyError
-from orion.client.runner import Protected
 from orion.core.worker.experiment import Experiment
 from orion.core.worker.trial import Trial
 from orion.core.worker.warm_start.warm_starteable import is_warmstarteable
 
-from .database import LOCK_WAIT
+from .algorithm_lock import ALGORITHM_LOCK_TIMEOUT, AlgorithmLockLost, ObserveLater, register_within_budget
+from .database import LOCK_WAIT, test_pause
+from .lost_trials import looks_lost
 
 # --- hunt: `orion hunt`, with an exact budget ------------------------------------------------
 # Oríon 0.2.7 hands out trials until `max_trials` have *completed*: W workers run up to
@@ -37,8 +36,8 @@ def trials_left(experiment, trials) -> int:
 
 
 def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> int:
-    """Oríon's `Producer.produce`, suggesting no more trials than the budget has left."""
-    produced = 0
+    """Oríon's `Producer.produce`, suggesting no more trials than the budget has left, and registering
+    them only while this worker still holds the algorithm lock (algorithm_lock.py)."""
     if trials_left(self.experiment, self.experiment.fetch_trials(with_evc_tree=False)) <= 0:
         # Budget used: this worker waits for the last trials (`done_within_budget`). Oríon's
         # runner asks again at once, a dozen database operations each time: not more often.
@@ -46,30 +45,30 @@ def produce_within_budget(self, pool_size, timeout=None, retry_interval=1) -> in
         return 0
     # Not Oríon's 60 s: long enough to see a stale lock (`algorithm_lock`).
     timeout = ALGORITHM_LOCK_TIMEOUT if timeout is None else timeout
-    with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
-        # Oríon's warm start, as its own `produce` does it: an experiment given a knowledge base
-        # shows a warm-starteable algorithm the related experiments' trials, once per worker.
-        if self.experiment.knowledge_base and not self.warm_started and is_warmstarteable(algorithm):
-            algorithm.warm_start(self.experiment.knowledge_base.get_related_trials(self.experiment.configuration))
-            self.warm_started = True
-        trials = self.experiment.fetch_trials(with_evc_tree=False)
-        # Results the algorithm missed: their worker was killed, or took a SIGTERM, between the
-        # trial's end and `observe` (see `observe_patiently`). Shown now, so that it suggests on them.
-        missed = [trial for trial in trials if trial.status in ("completed", "broken")
-                  and not algorithm.has_observed(trial)]
-        if missed:
-            algorithm.observe(as_the_algorithm_sees_them(algorithm, missed))
-            shown = ", ".join(t.id for t in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
-            print(f"The algorithm sees now the result of trial(s) {shown}, which it had missed", flush=True)
-        # Counted under the lock: no other worker produces meanwhile.
-        left = trials_left(self.experiment, trials)
-        for trial in algorithm.suggest(min(pool_size, left)) if left > 0 else []:
-            try:
-                self.experiment.register_trial(trial)
-                produced += 1
-            except DuplicateKeyError:  # The algorithm suggested a trial it had already.
-                pass
-    return produced
+    try:
+        with self.experiment.acquire_algorithm_lock(timeout=timeout, retry_interval=retry_interval) as algorithm:
+            # Oríon's warm start, as its own `produce` does it: an experiment given a knowledge base
+            # shows a warm-starteable algorithm the related experiments' trials, once per worker.
+            if self.experiment.knowledge_base and not self.warm_started and is_warmstarteable(algorithm):
+                algorithm.warm_start(self.experiment.knowledge_base.get_related_trials(self.experiment.configuration))
+                self.warm_started = True
+            trials = self.experiment.fetch_trials(with_evc_tree=False)
+            # Results the algorithm missed: their worker was killed, or took a SIGTERM, between the
+            # trial's end and `observe` (see `observe_patiently`). Shown now, so that it suggests on them.
+            missed = [trial for trial in trials if trial.status in ("completed", "broken")
+                      and not algorithm.has_observed(trial)]
+            if missed:
+                algorithm.observe(as_the_algorithm_sees_them(algorithm, missed))
+                shown = ", ".join(t.id for t in missed[:3]) + (f" and {len(missed) - 3} more" if len(missed) > 3 else "")
+                print(f"The algorithm sees now the result of trial(s) {shown}, which it had missed", flush=True)
+            left = trials_left(self.experiment, trials)
+            suggested = algorithm.suggest(min(pool_size, left)) if left > 0 else []
+            test_pause("holding-algorithm")
+            # The budget is counted again in the update that registers them: exact, whoever holds the lock.
+            return register_within_budget(self.experiment, suggested or [])
+    except AlgorithmLockLost as lost:
+        print(f"warning: {lost}; this worker asks again", file=sys.stderr, flush=True)
+        return 0
 
 
 ORIONS_IS_DONE = Experiment.is_done  # Before `hunt` replaces it.
@@ -90,54 +89,19 @@ def done_within_budget(self) -> bool:
     worker that has run a trial) no trial is still reserved by another.
 
     A waiting trial is `new`, `interrupted` (preempted), or `reserved` by a worker that died
-    (no heartbeat for 5 x ORION_HEARTBEAT: Oríon then hands it out again).
+    (lost_trials.py: this worker then hands it out again).
     """
     EXPERIMENT[:] = [self]
     if ORIONS_IS_DONE.fget(self):
         return True
-    lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
     trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for all questions.
-    waiting = [
-        trial for trial in trials
-        if trial.status in ("new", "interrupted")
-        or (trial.status == "reserved" and trial.heartbeat is not None and trial.heartbeat <= lost_before)
-    ]
+    waiting = [trial for trial in trials if trial.status in ("new", "interrupted") or looks_lost(trial)]
     if trials_left(self, trials) > 0 or waiting:
         return False
     return not (RAN_A_TRIAL.is_set() and any(trial.status == "reserved" for trial in trials))
 
 
 
-# More faults that Oríon 0.2.7 does not handle in a worker:
-# - A trial killed with SIGKILL (the kernel's out-of-memory killer, `scancel --signal=KILL`)
-#   became `broken` and counted toward max_broken, like a failure of main.py itself. The cluster
-#   ended it, not main.py: it becomes `interrupted`, resumed later from its last checkpoint, and
-#   this worker stops (its job says why), so a configuration that always exhausts the host's
-#   memory costs each worker one try, not a loop. See docs/preemption.md.
-# - After each trial, a worker waits for the algorithm's lock (a flag in the database, polled
-#   every second) to show the result to the algorithm, for at most 60 s, hard-coded; with 50
-#   workers or more on one PickledDB the wait can be longer, and the worker died of
-#   LockAcquisitionTimeout (benchmarks/db_stress.py; docs/many-workers.md).
-ALGORITHM_LOCK_TIMEOUT = 600  # s
-
-
-# Oríon shows a result to the algorithm inside a block that holds back SIGTERM (the runner's
-# `Protected`): a worker that Slurm signals while it waits for the algorithm lock (up to
-# ALGORITHM_LOCK_TIMEOUT) stayed deaf to it, past job.sh's 120 s before the time limit. Once a
-# SIGTERM is pending, the wait ends: the result is in the database already (the trial is
-# `completed`), and the next `produce`, by any worker, shows it to the algorithm.
-TERM_PENDING = threading.Event()
-ORIONS_PROTECTED_HANDLER = Protected.handler
-
-
-def note_signal(self, sig, frame) -> None:
-    """Oríon's `Protected.handler` (a SIGINT or SIGTERM held back), which also tells `algorithm_lock`."""
-    TERM_PENDING.set()
-    ORIONS_PROTECTED_HANDLER(self, sig, frame)
-
-
-class ObserveLater(Exception):
-    """The wait for the algorithm lock was cut short by a pending SIGTERM (`observe_patiently`)."""
 
 
 # ASHA and Hyperband keep a broken trial in its rung with no objective: a rung that needs it
@@ -163,8 +127,15 @@ def observe_patiently(self, trial) -> None:
     unless a SIGTERM is pending."""
     LOCK_WAIT.unless_signalled = True
     try:
-        with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
-            algorithm.observe(as_the_algorithm_sees_them(algorithm, [trial]))
+        while True:
+            try:
+                with self.experiment.acquire_algorithm_lock(timeout=ALGORITHM_LOCK_TIMEOUT) as algorithm:
+                    algorithm.observe(as_the_algorithm_sees_them(algorithm, [trial]))
+                    test_pause("in-observe")
+                break
+            except AlgorithmLockLost as lost:  # The state this worker saved is not the stored one: again.
+                print(f"warning: {lost}; this worker shows trial {trial.id} to the algorithm again", file=sys.stderr,
+                      flush=True)
     except ObserveLater:
         print(f"warning: signalled while waiting for the algorithm lock: the result of trial {trial.id} is saved, "
               "and the algorithm sees it at the next suggestion", file=sys.stderr, flush=True)
@@ -181,9 +152,7 @@ def idle_verdict() -> int:
     experiment = EXPERIMENT[0]
     trials = experiment.fetch_trials(with_evc_tree=False)
     completed = sum(trial.status == "completed" for trial in trials)
-    lost_before = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
-    running = [trial for trial in trials if trial.status == "reserved"
-               and trial.heartbeat is not None and trial.heartbeat > lost_before]
+    running = [trial for trial in trials if trial.status == "reserved" and not looks_lost(trial)]
     if completed >= experiment.max_trials:
         print("No trial left for this worker: done.", flush=True)
         return 0

@@ -4,11 +4,15 @@ trace, whole-file writes, and the experiment opened read-only. Every other modul
 one; it imports none of them.
 """
 
+import collections
 import contextlib
+import errno
+import functools
 import json
 import os
 import pickle
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -21,6 +25,7 @@ import orion.core.io.database.pickleddb
 from filelock import LeaseSettingsMismatch, SoftFileLease, SoftFileLock, Timeout
 from orion.client import get_experiment
 from orion.core.io.database import DatabaseTimeout
+from orion.core.io.database.ephemeraldb import EphemeralDB
 from orion.core.utils.exceptions import NoConfigurationError
 
 # --- The database lock: what every subcommand gets -------------------------------------------
@@ -46,12 +51,13 @@ from orion.core.utils.exceptions import NoConfigurationError
 # - Fencing: each writer writes its own temporary file (host, pid and thread in its name) and
 #   renames it over the database only if, right before the rename, the marker is still its own
 #   (the same file) and was renewed less than half a lease ago: a takeover needs a whole lease
-#   of silence. Otherwise it deletes its file, writes nothing, and stops with one line
-#   (DatabaseLockLost). Left: a stall of half a lease between that check and the rename.
+#   of silence. Otherwise it deletes its file, writes nothing, and tries again (DatabaseLockLost).
+#   A stall between that check and the rename is fenced by the generations (below).
 # - The lease, 90 s, is a hundred times the longest normal hold (2-10 ms up to 500 trials,
 #   0.2-0.8 s at 5,000 trials): only a stall lasts that long. A holder stalled for more than
-#   half of it stops (its job says why); one stalled less goes on. Longer would also tolerate
-#   longer stalls, but a marker left by a worker killed on another node stops everyone for a lease.
+#   half of it writes nothing and tries again; one stalled less goes on. No other timing depends
+#   on it: a marker left by a worker killed on another node pauses the database for a lease, and
+#   the workers wait (their trials run on; see heartbeat.py).
 # Every process on one database must use the same lease (filelock refuses another):
 # ORION_TOOLS_LOCK_LEASE, seconds, exists for the tests, which cannot wait 90 s.
 DATABASE_LOCK_LEASE = float(os.environ.get("ORION_TOOLS_LOCK_LEASE", 90))  # s
@@ -60,7 +66,7 @@ DATABASE_LOCK_LEASE = float(os.environ.get("ORION_TOOLS_LOCK_LEASE", 90))  # s
 # the lease, so that a marker left by a killed worker is broken before anyone gives up.
 DATABASE_LOCK_TIMEOUT = 120  # s
 LOCK_POLL = 1.0  # s between two looks at a marker that filelock does not break.
-LOCK_WAIT = threading.local()  # .until: time.monotonic() after which this thread waits no more.
+LOCK_WAIT = threading.local()  # .unless_signalled: a pending SIGTERM ends this thread's wait (budget.py).
 
 ORIONS_CREATE_LOCK = orion.core.io.database.pickleddb._create_lock  # Oríon's choice of lock kind (not replaced).
 HOST = socket.gethostname()
@@ -263,38 +269,199 @@ def trace_lock(kind: str, waited: float, held: float) -> None:
                   "no lock trace from this worker", file=sys.stderr, flush=True)
 
 
+# --- Writes that cannot apply after a takeover: one generation, one writer -----------------------
+# The lease keeps a stalled holder from writing back what it read before its stall, but only up
+# to the last look (check()) before the rename: a holder stalled between that look and the rename
+# (for any length) renamed a stale copy over newer ones. So the database carries a generation
+# number (an attribute of Oríon's EphemeralDB, pickled with it; plain Oríon ignores it), and a
+# writer that read generation N commits N + 1 by creating the symlink `<database>.generations/N+1`
+# (pointing at its temporary file) before its rename. Creating a name is atomic and exclusive on
+# every filesystem, NFS included: of two writers that read N (a stalled one and the one that took
+# the lock over), one commits and the other finds N + 1 taken, writes nothing and tries again on
+# what is there now (DatabaseLockLost, retried by `patiently`). A committed write whose rename has
+# not happened yet (its writer stalled, or died, right after the claim) is finished by the next
+# process that reads the database: it renames the claimed file into place itself, and the late
+# writer's own rename then finds nothing to rename. Nothing is rolled back, whatever the stall.
+# The claims are kept (a writer stalled for days must still find its generation taken), each an
+# empty file once its write is applied: one per write (docs/many-workers.md).
+GENERATION = "_orion_tools_generation"
+
+
+def generations_dir(path: str) -> str:
+    return f"{path}.generations"
+
+
+def read_database(path: str):
+    """Oríon's `PickledDB._get_database`: the database file, unpickled (empty if missing or empty)."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        data = b""
+    return pickle.loads(data) if data else EphemeralDB()
+
+
+def newest_database(path: str):
+    """The database's newest committed content and generation: the file, rolled forward past a write
+    that claimed the next generation and was stalled (or died) before its rename."""
+    while True:
+        database = read_database(path)
+        generation = getattr(database, GENERATION, 0)
+        claim = os.path.join(generations_dir(path), str(generation + 1))
+        try:
+            claimed = os.readlink(claim)
+        except FileNotFoundError:
+            return database, generation
+        except OSError:  # A plain file: that write was applied, so the file read is older than it.
+            if getattr(read_database(path), GENERATION, 0) > generation:
+                continue  # Read just before that write's rename.
+            # An older copy put back on purpose (check-database's .bak, by hand): its next generations
+            # are taken; it goes on after them.
+            while os.path.lexists(os.path.join(generations_dir(path), str(generation + 1))):
+                generation += 1
+            setattr(database, GENERATION, generation)
+            return database, generation
+        try:
+            os.rename(os.path.join(os.path.dirname(path), claimed), path)
+        except FileNotFoundError:  # Its writer (or another reader) renamed it meanwhile.
+            if getattr(read_database(path), GENERATION, 0) <= generation:
+                raise DatabaseLockError(
+                    f"the Oríon database {path} lost its committed write {generation + 1} ({claimed} is gone; was "
+                    f"the folder edited?): restore {path}.bak (job.sh's check-database keeps it)") from None
+        applied(claim)
+
+
+def applied(claim: str) -> None:
+    """Replaces a claim's symlink, once its write is applied, by an empty file of the same name: the
+    name never stops existing (it stays taken), and no link is left pointing at nothing (`cp -r`,
+    `shutil.copytree` and backup tools trip on those)."""
+    temporary = temporary_path(claim)
+    with contextlib.suppress(OSError):  # Left as a link, it still works: readers find its write applied.
+        open(temporary, "w").close()
+        os.rename(temporary, claim)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+
+
+def commit(database, path: str, generation: int, lock) -> None:
+    """Writes `database` as generation + 1, unless another process has written that generation."""
+    setattr(database, GENERATION, generation + 1)
+    temporary = temporary_path(path)
+    try:
+        with open(temporary, "wb") as file:
+            pickle.dump(database, file)
+        lock.check()
+        os.makedirs(generations_dir(path), exist_ok=True)
+        os.symlink(os.path.basename(temporary), os.path.join(generations_dir(path), str(generation + 1)))
+    except FileExistsError:
+        os.unlink(temporary)
+        raise DatabaseLockLost(f"another process wrote the Oríon database {path} while this one held its lock "
+                               "(this one was stalled): it wrote nothing") from None
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    # Committed: from here on, the write counts, whether this rename happens or another process's.
+    test_pause("before-rename")
+    try:
+        os.rename(temporary, path)
+    except FileNotFoundError:  # Another process found it claimed and renamed it for us.
+        return
+    except OSError as error:  # Read-only now, say: the next process to read the database renames it.
+        print(f"warning: {path}: {error.strerror}: this write is kept as {temporary} and applied by the next "
+              "reader", file=sys.stderr, flush=True)
+        return
+    applied(os.path.join(generations_dir(path), str(generation + 1)))
+
+
+# ORION_TOOLS_TEST_PAUSE=POINT[:N], for the fault tests only: the N-th time (default 1) this
+# process reaches POINT, it stops itself (SIGSTOP), as a suspended job or a stalled file server
+# would stop it there; the test chooses how long, then continues it (SIGCONT) or kills it.
+# Points: holding-database, before-rename, holding-algorithm, in-observe.
+TEST_PAUSE = os.environ.get("ORION_TOOLS_TEST_PAUSE", "")
+TEST_PAUSE_COUNT: collections.Counter = collections.Counter()
+
+
+def test_pause(point: str) -> None:
+    if not TEST_PAUSE:
+        return
+    name, _, nth = TEST_PAUSE.partition(":")
+    if name == point:
+        TEST_PAUSE_COUNT[point] += 1
+        if TEST_PAUSE_COUNT[point] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
 @contextlib.contextmanager
 def fenced_locked_database(self, write=True):
-    """Oríon's `PickledDB.locked_database`, with database_lock() and a fenced write of its own name."""
+    """Oríon's `PickledDB.locked_database`, with database_lock() and fenced writes (above)."""
     lock = database_lock(self.host + ".lock")
-    # A heartbeat waits no longer than its deadline (`beat`).
-    until = getattr(LOCK_WAIT, "until", None)
-    timeout = self.timeout if until is None else max(0.0, min(self.timeout, until - time.monotonic()))
     asked = time.monotonic()
     try:
-        lock.acquire(timeout=timeout)
+        lock.acquire(timeout=self.timeout)
     except Timeout as error:
         # One line, not Oríon's 20 (TIMEOUT_ERROR_MESSAGE).
-        raise DatabaseTimeout(f"the Oríon database {self.host} stayed locked for {timeout:.1f} s: too many "
+        raise DatabaseTimeout(f"the Oríon database {self.host} stayed locked for {self.timeout:.1f} s: too many "
                               "workers on one database, or a stalled file server? (docs/many-workers.md)") from error
     taken = time.monotonic()
     try:
-        database = self._get_database()
+        test_pause("holding-database")
+        database, generation = newest_database(self.host)
         yield database
         if write:
-            temporary = temporary_path(self.host)
-            try:
-                with open(temporary, "wb") as file:
-                    pickle.dump(database, file)
-                lock.check()
-                os.rename(temporary, self.host)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(temporary)
-                raise
+            commit(database, self.host, generation, lock)
     finally:
         lock.release()
         trace_lock("database", taken - asked, time.monotonic() - taken)
+
+
+# --- Every database operation, patient ---------------------------------------------------------
+# What a worker must wait out rather than die of, with a traceback and the finished trial's
+# result lost: a write that lost its lease or its generation (above: nothing was written, so it is
+# tried again on the database as it is now), and a filesystem that is full, over quota, read-only
+# or stale for a while (a worker then waits, says so once, and goes on when it is writable again:
+# a finished trial's result waits in memory). In a worker (`hunt`: PATIENT), a DatabaseTimeout is
+# waited out too: a trial is never abandoned because someone else holds the lock.
+OUTAGES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE, errno.EIO}
+OUTAGE_POLL = 2.0  # s
+PATIENT = threading.Event()
+
+
+def patiently(operation):
+    """A PickledDB operation, retried as described above."""
+    @functools.wraps(operation)
+    def run(self, *args, **kwargs):
+        waiting = None  # (since, why) while the database cannot be written
+        try:
+            while True:
+                try:
+                    return operation(self, *args, **kwargs)
+                except DatabaseLockLost as lost:
+                    print(f"warning: {lost}; trying again", file=sys.stderr, flush=True)
+                    why = None
+                except OSError as error:
+                    if error.errno not in OUTAGES:
+                        raise
+                    why = f"{os.strerror(error.errno)}"
+                except DatabaseTimeout as error:
+                    if not PATIENT.is_set():
+                        raise
+                    why = str(error)
+                if why is not None:
+                    if waiting is None:
+                        waiting = (time.monotonic(), why)
+                        print(f"warning: the Oríon database {self.host} cannot be used ({why}): waiting until it can; "
+                              "nothing is lost meanwhile", file=sys.stderr, flush=True)
+                    time.sleep(OUTAGE_POLL)
+        finally:
+            if waiting is not None:
+                print(f"The Oríon database {self.host} is usable again, after {time.monotonic() - waiting[0]:.0f} s",
+                      file=sys.stderr, flush=True)
+    return run
+
+
+PICKLEDDB_OPERATIONS = ["ensure_index", "index_information", "drop_index", "write", "read", "read_and_write",
+                        "count", "remove"]
 
 
 def storage(database: str) -> dict:

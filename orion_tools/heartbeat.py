@@ -1,10 +1,10 @@
-"""A running trial's heartbeat (`beat`, every ORION_HEARTBEAT, stopping the trial before anyone
-may take it for lost), the trial's process (`run_trial`), and a worker that stops in one line
-(`stop_worker`).
+"""A running trial's heartbeat (`beat`, every ORION_HEARTBEAT, for as long as it takes), its
+reservation (heartbeat, status and results written into it only), the trial's process
+(`run_trial`), and a worker that stops in one line (`stop_worker`).
 """
 
 import contextlib
-import math
+import datetime
 import signal
 import subprocess
 import sys
@@ -14,32 +14,32 @@ import time
 
 import orion.core
 from orion.core.worker.consumer import ExecutionError
+from orion.core.worker.trial import validate_status
 from orion.core.utils.exceptions import InexecutableUserScript
+from orion.storage.base import FailedUpdate
 
 from .budget import RAN_A_TRIAL
-from .database import DATABASE_LOCK_LEASE, LOCK_POLL, LOCK_WAIT, DatabaseLockError
+from .database import DatabaseLockError
 
-# --- The heartbeat of a running trial -----------------------------------------------------------
-# Every worker, before it reserves a trial, marks `interrupted` (lost, to be run again) every
-# reserved trial whose heartbeat is older than 5 x ORION_HEARTBEAT (Oríon's rule, in
-# `fetch_lost_trials`), without looking again. Oríon 0.2.7's pacemaker wrote the heartbeat
-# every 60 s, hard-coded, whatever ORION_HEARTBEAT said; a write that waited for the database
-# lock (up to its timeout, 120 s in job.sh) came later still; a DatabaseTimeout or any other
-# error (a file server's ESTALE, an unreadable file) ended the thread without a word; and once
-# the trial was taken for lost, the pacemaker stopped silently while the trial went on, run a
-# second time by another worker in the same folder. Here (`beat`): a heartbeat every
-# ORION_HEARTBEAT s; each write waits for the lock no later than 4 x ORION_HEARTBEAT after the
-# last heartbeat written, and an error is retried until then; past it, or as soon as the trial
-# is no longer reserved by this worker, the trial is stopped (SIGTERM: main.py saves a
-# checkpoint; SIGKILL after ORION_HEARTBEAT / 2) and the worker says why in one line and exits
-# 1. So a trial either has a heartbeat younger than 5 x ORION_HEARTBEAT, or its worker stopped
-# it before anyone can take it for lost: it never runs twice. (The margin, one ORION_HEARTBEAT,
-# must also cover the clock difference between nodes: the heartbeat is their local time.)
-# While a dead worker's lock marker waits to be broken (a lease), no heartbeat can be written:
-# 4 x ORION_HEARTBEAT must outlast it, or every running trial would be stopped.
-MIN_HEARTBEAT = math.ceil((DATABASE_LOCK_LEASE + 2 * LOCK_POLL) / 4)  # s
+# --- The heartbeat of a running trial, and its reservation --------------------------------------
+# Oríon 0.2.7's pacemaker wrote the heartbeat every 60 s, hard-coded, whatever ORION_HEARTBEAT
+# said; an error (a DatabaseTimeout, a file server's ESTALE) ended the thread without a word; and
+# once the trial was taken for lost, it stopped silently while the trial went on, run a second
+# time by another worker in the same folder. An earlier version of this file stopped the trial
+# when the heartbeat could not be written for 4 x ORION_HEARTBEAT: one dead worker holding the
+# database's lock then stopped every running trial. Here (`beat`): a heartbeat every
+# ORION_HEARTBEAT s; one that cannot be written (the database locked, full, read-only) is tried
+# again every second for as long as it takes, while the trial runs on: another worker takes the
+# trial for lost only after watching its heartbeat stand still while the database was usable
+# (lost_trials.py), which a waiting heartbeat is not. The heartbeat, and the trial's result, are
+# written only into this worker's own reservation (the trial's start_time, which Oríon sets at
+# each reservation): a worker stalled past its trial's loss cannot refresh, or complete, the
+# reservation of the worker that runs the trial now. Once the trial is no longer reserved by this
+# worker while it runs, the worker stops it (SIGTERM: main.py saves a checkpoint; SIGKILL after
+# ORION_HEARTBEAT / 2), says why in one line and exits 1.
 WORKER_STOPPED = threading.Event()  # Set by stop_worker: this worker stops, its trial too.
 RUNNING_TRIAL: list = []  # The trial's process while one runs (singleexecutor: one at a time).
+RESERVED_AT: list = [None]  # The running trial's reservation, as worker.json names it (records.py).
 
 
 def stop_worker(message: str) -> None:
@@ -57,52 +57,97 @@ def stop_worker(message: str) -> None:
                 process.kill()
 
 
+def reservation(trial) -> dict:
+    """The query that matches `trial` only while it is reserved by the reservation this worker holds."""
+    return {"status": "reserved", "start_time": trial.start_time}
+
+
+def update_heartbeat_of_this_reservation(self, trial) -> int:
+    """Oríon's `Legacy.update_heartbeat`, into this worker's reservation only."""
+    return self.update_trial(trial, heartbeat=datetime.datetime.utcnow(), where=reservation(trial))
+
+
+def set_status_of_this_reservation(self, trial, status, heartbeat=None, was=None) -> None:
+    """Oríon's `Legacy.set_trial_status`; releasing a reserved trial (was="reserved") only from this
+    worker's own reservation, not from the worker that runs it now."""
+    was = was or trial.status
+    validate_status(status)
+    validate_status(was)
+    where = reservation(trial) if was == "reserved" and trial.start_time is not None else {"status": was}
+    if not self.update_trial(trial, status=status, heartbeat=heartbeat or datetime.datetime.utcnow(),
+                             experiment=trial.experiment, where=where):
+        raise FailedUpdate()
+    trial.status = status
+
+
+def push_results_of_this_reservation(self, trial) -> int:
+    """Oríon's `Legacy.push_trial_results` (the trial, completed, with its results), into this worker's
+    reservation, or into a trial no one holds any more (taken for lost meanwhile: its result is
+    kept); not over another worker's reservation, nor over a finished trial."""
+    for where in (reservation(trial), {"status": {"$in": ["interrupted", "new", "suspended"]}}):
+        updated = self.update_trial(trial, **trial.to_dict(), where=where)
+        if updated:
+            return updated
+    status = self.get_trial(trial).status
+    stop_worker(f"trial {trial.id} ended in this worker, but another worker had taken it for lost meanwhile and "
+                f"{'runs it now' if status == 'reserved' else f'it is {status}'}: this result is not recorded (was "
+                "this worker stalled?); this worker exits")
+    raise FailedUpdate()
+
+
 def beat(self) -> None:
     """Oríon's `TrialPacemaker.run`: the heartbeat of a running trial, as described above."""
     interval = orion.core.config.worker.heartbeat
-    written = time.monotonic()  # The reservation wrote the first heartbeat.
-    while not self.stopped.wait(max(0.0, written + interval - time.monotonic())):
-        before = time.monotonic()
-        LOCK_WAIT.until = written + 4 * interval
+    late = None  # (since, why) while the heartbeat cannot be written
+    while not self.stopped.wait(interval if late is None else 1.0):
         try:
-            if self.storage.update_heartbeat(self.trial):
-                written = before
-                continue
-            # No longer reserved. Once the trial's process has ended, this worker is releasing it
-            # (completed, broken, interrupted) and is about to stop this thread: nothing to say.
-            if RUNNING_TRIAL:
-                status = self.storage.get_trial(self.trial).status
-                stop_worker(f"trial {self.trial.id} is {status}, no longer reserved by this worker, while it runs: "
-                            f"another worker took it for lost (heartbeat older than 5 x ORION_HEARTBEAT = "
-                            f"{5 * interval} s: was this worker stalled?); this worker stopped it and exits")
-            return
-        except DatabaseLockError as error:
+            ours = self.storage.update_heartbeat(self.trial)
+        except DatabaseLockError as error:  # Not a wait: the database cannot be used as it is.
             stop_worker(str(error))
             return
-        except Exception as error:  # DatabaseTimeout, an unreadable file, ESTALE...: retried until the deadline.
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            if time.monotonic() >= LOCK_WAIT.until:
-                stop_worker(f"the heartbeat of trial {self.trial.id} could not be written for "
-                            f"{time.monotonic() - written:.0f} s ({problem}): before another worker takes it for "
-                            f"lost, this worker stopped it (it resumes later) and exits; database: "
-                            f"{orion.core.config.storage.database.host}")
-                return
-            print(f"warning: heartbeat of trial {self.trial.id} late ({problem}); trying again",
+        except Exception as error:  # Should `patiently` not wait it out: tried again.
+            if late is None:
+                late = (time.monotonic(), f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+                print(f"warning: the heartbeat of trial {self.trial.id} cannot be written ({late[1]}); the trial runs "
+                      "on, and the heartbeat is tried again every second", file=sys.stderr, flush=True)
+            continue
+        if late is not None:
+            print(f"The heartbeat of trial {self.trial.id} is written again, after {time.monotonic() - late[0]:.0f} s",
                   file=sys.stderr, flush=True)
-            self.stopped.wait(min(1.0, interval / 4))  # Then again at once: the heartbeat is due.
-        finally:
-            LOCK_WAIT.until = None
+            late = None
+        if ours:
+            continue
+        # No longer reserved by us. Once the trial's process has ended, this worker is releasing it
+        # (completed, broken, interrupted) and is about to stop this thread: nothing to say.
+        if RUNNING_TRIAL:
+            status = self.storage.get_trial(self.trial).status
+            stop_worker(f"trial {self.trial.id} is {status}{' by another worker' if status == 'reserved' else ''} "
+                        f"while it runs here: another worker took it for lost (its heartbeat stood still for 5 x "
+                        f"ORION_HEARTBEAT = {5 * interval} s: was this worker stalled?); this worker stopped it "
+                        "and exits")
+        return
 
 
+# A trial killed with SIGKILL (the kernel's out-of-memory killer, `scancel --signal=KILL`) became
+# `broken` and counted toward max_broken, like a failure of main.py itself. The cluster ended it,
+# not main.py: it becomes `interrupted`, resumed later from its last checkpoint, and this worker
+# stops (its job says why), so a configuration that always exhausts the host's memory costs each
+# worker one try, not a loop. See docs/preemption.md.
 def run_trial(self, cmd_args, environ) -> None:
     """Oríon's `Consumer.execute_process` (the trial's command), where a SIGKILL means `interrupted`,
     not `broken`, and whose process stop_worker can stop."""
+    if WORKER_STOPPED.is_set():  # Oríon's runner reserved this trial after stop_worker: not run, resumed later.
+        raise ExecutionError(orion.core.config.worker.interrupt_signal_code)
+    # The trial's process stops if another worker takes the trial over (trial_support/reservation.py).
+    environ = {**environ, "ORION_TOOLS_RESERVED_AT": RESERVED_AT[0] or ""}
     try:
         process = subprocess.Popen(cmd_args, env=environ)
     except PermissionError as error:
         raise InexecutableUserScript(" ".join(cmd_args)) from error
     RUNNING_TRIAL.append(process)
     RAN_A_TRIAL.set()
+    if WORKER_STOPPED.is_set():  # stop_worker ran between the check above and the append.
+        process.terminate()
     try:
         return_code = process.wait()
     finally:

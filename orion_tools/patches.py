@@ -21,10 +21,12 @@ from orion.core.worker.producer import Producer
 from orion.core.worker.trial_pacemaker import TrialPacemaker
 from orion.storage.legacy import Legacy
 
-from .algorithm_lock import algorithm_lock, pickled_copy
-from .budget import done_within_budget, note_signal, observe_patiently, produce_within_budget
-from .database import fenced_locked_database
-from .heartbeat import beat, run_trial
+from .algorithm_lock import algorithm_lock, note_signal, pickled_copy
+from .budget import done_within_budget, observe_patiently, produce_within_budget
+from .database import PICKLEDDB_OPERATIONS, fenced_locked_database, patiently
+from .heartbeat import (beat, push_results_of_this_reservation, run_trial, set_status_of_this_reservation,
+                        update_heartbeat_of_this_reservation)
+from .lost_trials import fix_lost_trials
 from .records import consume_and_record
 
 
@@ -45,8 +47,10 @@ class Patch:
 # Oríon's state copies, by a pickle round trip instead of copy.deepcopy (algorithm_lock.py).
 FAST_COPY = types.SimpleNamespace(copy=copy.copy, deepcopy=pickled_copy)
 
-# Every process that opens the database (each subcommand, hunt's workers included).
-DATABASE = [Patch(PickledDB, "locked_database", fenced_locked_database)]
+# Every process that opens the database (each subcommand, hunt's workers included). Oríon's own
+# operations, wrapped once, at import, so that installing twice wraps nothing twice.
+DATABASE = [Patch(PickledDB, "locked_database", fenced_locked_database)] + [
+    Patch(PickledDB, name, patiently(getattr(PickledDB, name))) for name in PICKLEDDB_OPERATIONS]
 
 # The workers of `hunt`, besides.
 WORKER = [
@@ -54,6 +58,10 @@ WORKER = [
     Patch(Producer, "observe", observe_patiently),
     Patch(Experiment, "is_done", property(done_within_budget)),
     Patch(Legacy, "acquire_algorithm_lock", algorithm_lock),
+    Patch(Experiment, "fix_lost_trials", fix_lost_trials),
+    Patch(Legacy, "update_heartbeat", update_heartbeat_of_this_reservation),
+    Patch(Legacy, "set_trial_status", set_status_of_this_reservation),
+    Patch(Legacy, "push_trial_results", push_results_of_this_reservation),
     Patch(orion.algo.base.registry, "copy", FAST_COPY),
     Patch(orion.core.worker.algo_wrappers.algo_wrapper, "copy", FAST_COPY),
     Patch(orion.core.worker.algo_wrappers.insist_suggest, "copy", FAST_COPY),

@@ -22,6 +22,7 @@ from orion.core.utils.exceptions import NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
 
 from .database import open_experiment, storage, trials_dir_of, write_whole
+from .heartbeat import RESERVED_AT
 
 WORKER_FILE = "worker.json"
 
@@ -84,6 +85,7 @@ def iso(moment) -> str | None:
 
 
 def record_worker(trial) -> None:
+    RESERVED_AT[0] = iso(trial.start_time)
     write_whole(Path(trial.working_dir, WORKER_FILE), json.dumps({
         "slurm_job": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
         "reserved_at": iso(trial.start_time)}))

@@ -18,6 +18,7 @@ of concurrent runs never interleave (benchmarks/db_stress.py counts the runs of 
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -26,6 +27,12 @@ import time
 from pathlib import Path
 
 started = time.time()
+# main.py's check that no other worker has taken this trial over (trial_support/reservation.py),
+# loaded on its own: trial_support's package imports torch.
+_spec = importlib.util.spec_from_file_location(
+    "reservation", Path(__file__).resolve().parents[1] / "trial_support" / "reservation.py")
+reservation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reservation)
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--learning-rate", type=float, required=True)
@@ -57,9 +64,11 @@ if args.checkpoint_dir is not None and args.epochs is not None:
             "train_seconds": 1.5, "val_seconds": 0.25, "examples_per_second": 1000.0, "device": "cpu",
             "end_time": time.time(),
         })
+    reservation.exit_if_taken_over("saving a checkpoint")
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in history))
     objective = history[args.epochs - 1]["objective"]
+reservation.exit_if_taken_over("reporting its objective")
 with open(os.environ["ORION_RESULTS_PATH"], "w") as file:
     json.dump([{"name": "objective", "type": "objective", "value": objective}], file)
 print(f"Objective (1 - validation accuracy): {objective:.4f}")

@@ -176,40 +176,56 @@ def test_a_late_heartbeat_does_not_make_a_live_trial_lost(tmp_path, fault):
                           log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     assert second.wait(timeout=300) == 0
     assert first.wait(timeout=300) == 0
-    late = "DatabaseTimeout" if fault == "database locked" else "UnpicklingError"
-    assert f"late ({late}" in (tmp_path / "first.log").read_text()  # The fault did hit the heartbeat.
+    late = "cannot be used (the Oríon database" if fault == "database locked" else "be written (UnpicklingError"
+    assert late in (tmp_path / "first.log").read_text()  # The fault did hit the heartbeat.
     assert len(record.read_text().splitlines()) == 1  # Run once.
     assert [t.status for t in trials(database)] == ["completed"]
 
 
-def test_a_heartbeat_that_cannot_be_written_stops_the_trial_before_it_counts_as_lost(tmp_path):
+def test_a_database_locked_past_5_heartbeats_stops_no_trial_and_runs_none_twice(tmp_path):
+    """Issue 24, row 1 in its kernel-lock form: the database locked (a holder stalled, or dead on a
+    soft lock until its lease runs out) for longer than 5 x ORION_HEARTBEAT while a trial runs. The
+    heartbeat waits (the trial runs on); a worker that starts meanwhile does not take the trial for
+    lost once the lock is free, since it never watched it stand still while the database was usable.
+    Before: the running trial was stopped after 4 x ORION_HEARTBEAT, and its worker exited 1."""
     database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
-    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "22", "--record", record,
+    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "30", "--record", record,
                          log_name="first.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
     start = reserved_at(database)
     sleep_until(start + 4)
-    with _create_lock(str(tmp_path / "orion_db.pkl.lock")):  # Past 4 x ORION_HEARTBEAT after the last heartbeat.
-        assert first.wait(timeout=60) == 1  # Before the lock is free again: its trial stopped with it.
-    log = (tmp_path / "first.log").read_text()
-    [error] = [line for line in log.splitlines() if line.startswith("error: ")]
-    assert error.startswith("error: the heartbeat of trial ") and "stopped it" in error
-    # The trial, lost now, runs again in the next worker, and only there.
-    second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", "--record", record,
-                          log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+    with _create_lock(str(tmp_path / "orion_db.pkl.lock")):
+        second = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", "--record", record,
+                              log_name="second.log", ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+        sleep_until(start + 4 + 6 * HEARTBEAT)
+        assert first.poll() is None  # Still running its trial.
+    assert first.wait(timeout=300) == 0
     assert second.wait(timeout=300) == 0
-    assert len(record.read_text().splitlines()) == 1
+    assert "cannot be used" in (tmp_path / "first.log").read_text()  # The heartbeat did wait.
+    assert len(record.read_text().splitlines()) == 1  # Run once, to its end.
     assert [t.status for t in trials(database)] == ["completed"]
 
 
-def test_a_heartbeat_too_short_for_the_lease_is_refused(tmp_path):
-    """Every heartbeat fails while a dead worker's lock marker waits out its lease: 4 x
-    ORION_HEARTBEAT must outlast that, or each running trial would be stopped."""
-    worker = start_worker(tmp_path, budget_config(1), ORION_HEARTBEAT=orion_tools.MIN_HEARTBEAT - 1)
-    assert worker.wait(timeout=120) == 1
-    assert (tmp_path / "worker.log").read_text() == (
-        f"error: ORION_HEARTBEAT={orion_tools.MIN_HEARTBEAT - 1} s is too short: a heartbeat must be able to wait "
-        f"out the database lock's lease (90 s, orion_tools); use at least {orion_tools.MIN_HEARTBEAT}, "
-        "e.g. job.sh's default, 30\n")
+def test_workers_with_another_heartbeat_are_refused_while_a_trial_runs(tmp_path):
+    """Issue 24, row 5: each worker judged a trial lost after 5 x its own ORION_HEARTBEAT: a job with
+    a short one took a live trial of a job with a long one for lost. The first worker records its
+    timings in the database; another is refused in one line while a trial is reserved."""
+    database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
+    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "12", "--record", record,
+                         log_name="first.log", ORION_HEARTBEAT=12, ORION_TOOLS_LOCK_LEASE=LEASE)
+    reserved_at(database)
+    other = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", log_name="other.log",
+                         ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+    assert other.wait(timeout=120) == 1
+    assert (tmp_path / "other.log").read_text().splitlines()[-1] == (
+        f"error: the workers running on {database} use other timings (ORION_HEARTBEAT=12 there, {HEARTBEAT} here): "
+        "every worker of one database must use the same, or live trials are taken for lost; use theirs, or another "
+        "database (ORION_DB_ADDRESS)")
+    assert first.wait(timeout=120) == 0
+    assert len(record.read_text().splitlines()) == 1
+    # With no trial running, a new search may choose other timings.
+    again = start_worker(tmp_path, budget_config(2), "--sleep", "1", log_name="again.log",
+                         ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
+    assert again.wait(timeout=120) == 0, (tmp_path / "again.log").read_text()
 
 
 # --- A worker killed while it holds the algorithm lock (issue 18, finding 3) ---------------------

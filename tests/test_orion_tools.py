@@ -421,7 +421,7 @@ def test_a_missing_algorithm_record_is_named_as_such(experiment, database):
 
 def test_an_algorithm_lock_taken_over_meanwhile_keeps_its_new_holders_state(experiment):
     storage = experiment._experiment._storage
-    with pytest.raises(orion_tools.DatabaseLockLost):
+    with pytest.raises(orion_tools.AlgorithmLockLost):
         with orion_tools.algorithm_lock(storage, experiment=experiment._experiment, timeout=1) as locked:
             # Another worker takes it over (as `algorithm_lock` does once it is stale) and saves its state.
             storage._db.write("algo", {"heartbeat": datetime.datetime.utcnow(), "state": b"theirs"},

@@ -7,6 +7,7 @@ above it in this list:
     data.py         what the data set module returns, checked against what it declares, split, and
                     served in batches on the device: held there whole, or streamed from disk
     arguments.py    the command line's fixed part, and the checks of main.py's hyperparameters
+    reservation.py  whether another worker took this trial over (its worker stalled): then stop
     logs.py         log lines and train.log, one-line errors, memory, Oríon's results file
     signals.py      preemption: a stop signal noted, acted on between two steps (exit 130)
     cuda_graph.py   the training step replayed as one CUDA graph (--cuda-graph)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .arguments import MAY_CHANGE_ON_RESUME
+from .reservation import exit_if_taken_over
 from .logs import fail
 from .signals import INTERRUPTED_EXIT_CODE
 
@@ -78,6 +79,7 @@ def save_checkpoint_and_metrics(checkpoint_dir: Path | None, state: TrainingStat
     """Saves the whole run (write, fsync, rename); returns False, with a warning, if it could not."""
     if checkpoint_dir is None:
         return False
+    exit_if_taken_over("saving a checkpoint")
     path = checkpoint_dir / "checkpoint.pt"
     temporary = temporary_path(path)
     checkpoint = {

@@ -16,6 +16,8 @@ from typing import NoReturn
 import rich.logging
 import torch
 
+from .reservation import exit_if_taken_over
+
 
 
 logger = logging.getLogger("main")
@@ -97,6 +99,7 @@ def report_objective(name: str, objective: float) -> None:
     where the report and the job's summary read it.
     """
     objective = float(objective)  # Oríon rejects numpy and torch numbers.
+    exit_if_taken_over("reporting its objective")
     results_path = os.environ.get("ORION_RESULTS_PATH")
     if results_path:
         with open(results_path, "w") as file:
