@@ -76,6 +76,9 @@ def set_status_of_this_reservation(self, trial, status, heartbeat=None, was=None
     where = reservation(trial) if was == "reserved" and trial.start_time is not None else {"status": was}
     if not self.update_trial(trial, status=status, heartbeat=heartbeat or datetime.datetime.utcnow(),
                              experiment=trial.experiment, where=where):
+        if was == "reserved":  # Oríon's runner would end in a traceback (RuntimeError): one line instead.
+            stop_worker(f"trial {trial.id} is {self.get_trial(trial).status} now, no longer reserved by this worker: "
+                        "another worker took it for lost meanwhile (was this worker stalled?); this worker exits")
         raise FailedUpdate()
     trial.status = status
 
