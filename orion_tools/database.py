@@ -138,9 +138,12 @@ class LeasedLock:
             content = os.read(self.fd, 4096).decode(errors="replace")
             self.marker = identity(os.fstat(self.fd))
             if self.lease.token not in content or identity(os.lstat(self.path)) != self.marker:
-                raise DatabaseLockLost(f"the lock {self.path} was taken over as soon as this process got it")
+                raise FileNotFoundError()
             os.utime(self.fd)  # Contenders time the lease from this change.
             self.renewed = before
+        except FileNotFoundError:  # Stalled right after filelock took it, and taken over (and maybe released).
+            self.release()
+            raise DatabaseLockLost(f"the lock {self.path} was taken over as soon as this process got it") from None
         except BaseException:
             self.release()
             raise
@@ -208,7 +211,7 @@ class LeasedLock:
                 f"this process held the lock of the Oríon database {self.path[:-len('.lock')]} but was stalled "
                 f"{silent:.0f} s (suspended? a file server stall?) and "
                 + ("another process took the lock over" if not ours else "may have lost it")
-                + ": it wrote nothing, and stops; the other workers go on")
+                + ": it wrote nothing")
 
     def release(self) -> None:
         with LeasedLock._holds_lock:
@@ -457,6 +460,7 @@ def patiently(operation):
             if waiting is not None:
                 print(f"The Oríon database {self.host} is usable again, after {time.monotonic() - waiting[0]:.0f} s",
                       file=sys.stderr, flush=True)
+    run.__module__ = __name__  # Oríon's name and docstring, but this module's (docs/orion-patches.md).
     return run
 
 

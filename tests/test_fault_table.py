@@ -2,9 +2,9 @@
 `python -m orion_tools hunt` workers (stand-in trials) on a database in a tmpfs of its own (Oríon's
 soft lock, as on NFS; and a filesystem this test can fill or make read-only).
 
-Timings are scaled down together (ORION_HEARTBEAT 2 s, the database lease 12 s, the algorithm
-lock's takeover 6 s) and each fault outlasts every one of them: the lease is longer than 4
-heartbeats on purpose, the margin the earlier design relied on. A worker is stopped where the
+Timings are scaled down together (ORION_HEARTBEAT 4 s, the database lease 12 s, the algorithm
+lock's takeover 6 s: the earlier design's margins, 4 heartbeats just outlasting the lease) and
+each fault outlasts every one of them. A worker is stopped where the
 fault must hit by ORION_TOOLS_TEST_PAUSE (orion_tools/database.py): it stops itself there, and
 this test holds it (its whole process group, trial included: a suspended job, a stalled node) as
 long as the fault lasts. Each search is then checked as a whole (`check_search`): the budget
@@ -12,6 +12,7 @@ completed exactly, no trial run to its end twice, none left reserved, no complet
 rolled back (the database sampled throughout), and every worker's exit and last line.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -27,22 +28,23 @@ import pytest
 import orion_tools
 from conftest import REPO_ROOT, clean_env, standin_hunt_command
 
-HEARTBEAT, LEASE, ALGORITHM_STALE = 2, 12, 6
+HEARTBEAT, LEASE, ALGORITHM_STALE = 4, 12, 6
 TIMINGS = dict(ORION_HEARTBEAT=str(HEARTBEAT), ORION_TOOLS_LOCK_LEASE=str(LEASE),
                ORION_TOOLS_ALGORITHM_LOCK_STALE=str(ALGORITHM_STALE))
-STALL = 40  # s: longer than the lease, 5 heartbeats and the algorithm lock's takeover together.
+STALL = 45  # s: longer than the lease, 5 heartbeats and the algorithm lock's takeover together.
 
 
-@pytest.fixture
-def disk(tmp_path):
+@contextlib.contextmanager
+def small_tmpfs(folder: Path):
     """A small tmpfs of the test's own for the database: Oríon's soft lock; full or read-only at will."""
-    folder = tmp_path / "database"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root?)")
-    yield folder
-    subprocess.run(["mount", "-o", "remount,rw", str(folder)])
-    subprocess.run(["umount", "-l", str(folder)])
+        (pytest.fail if os.environ.get("CI") else pytest.skip)("cannot mount a tmpfs here (not root?)")
+    try:
+        yield folder
+    finally:
+        while subprocess.run(["umount", "-l", str(folder)], capture_output=True).returncode == 0:
+            pass  # A bind mount left over it, then the tmpfs.
 
 
 class Search:
@@ -134,7 +136,7 @@ def check_search(search: Search, exits: list[int], victims: tuple = ()) -> None:
             assert victim.log.read_text().splitlines()[-1].startswith("error: "), victim.log.read_text()[-2000:]
 
 
-def test_a_worker_killed_holding_the_database_lease_stops_no_other_trial(tmp_path, disk):
+def scenario_a_worker_killed_holding_the_database_lease_stops_no_other_trial(tmp_path, disk):
     """Before: every other worker's heartbeat gave up after 4 heartbeats, stopped its trial and exited 1."""
     search = Search(tmp_path, disk, budget=4, sleep=25)
     others = [search.start() for _ in range(2)]
@@ -148,8 +150,8 @@ def test_a_worker_killed_holding_the_database_lease_stops_no_other_trial(tmp_pat
     check_search(search, exits, victims=(victim,))
 
 
-@pytest.mark.parametrize("point", ["holding-database", "before-rename"])
-def test_a_database_writer_stalled_past_every_timeout_rolls_nothing_back_and_runs_nothing_twice(tmp_path, disk, point):
+
+def scenario_a_database_writer_stalled_past_every_timeout_rolls_nothing_back_and_runs_nothing_twice(tmp_path, disk, point):
     """Before: the stalled holder's lease was taken over and the others went on, but a stall before
     the rename wrote a stale copy back (a rollback), and a long stall cascaded like a dead holder."""
     search = Search(tmp_path, disk, budget=5, sleep=6)
@@ -163,7 +165,8 @@ def test_a_database_writer_stalled_past_every_timeout_rolls_nothing_back_and_run
     assert any(worker.poll() == 0 for worker in others)
 
 
-def test_an_algorithm_lock_taken_over_during_a_suggestion_keeps_the_budget_exact(tmp_path, disk):
+
+def scenario_an_algorithm_lock_taken_over_during_a_suggestion_keeps_the_budget_exact(tmp_path, disk):
     """Before: the stalled holder registered what it had suggested after the takeover: one trial over budget."""
     search = Search(tmp_path, disk, budget=4, sleep=3)
     victim = search.start(pause="holding-algorithm:1")
@@ -177,7 +180,8 @@ def test_an_algorithm_lock_taken_over_during_a_suggestion_keeps_the_budget_exact
     assert any("took over the algorithm lock" in worker.log.read_text() for worker in others)
 
 
-def test_a_result_observed_during_a_takeover_is_shown_to_the_algorithm(tmp_path, disk):
+
+def scenario_a_result_observed_during_a_takeover_is_shown_to_the_algorithm(tmp_path, disk):
     """Before: the stalled holder's state was (rightly) not saved, and its worker stopped: the
     trial it was showing the algorithm was never shown to the stored algorithm."""
     search = Search(tmp_path, disk, budget=3, sleep=2)
@@ -195,8 +199,8 @@ def test_a_result_observed_during_a_takeover_is_shown_to_the_algorithm(tmp_path,
         assert all(algorithm.has_observed(trial) for trial in search.trials())
 
 
-@pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_a_full_or_read_only_database_filesystem_loses_no_result(tmp_path, disk, fault):
+
+def scenario_a_full_or_read_only_database_filesystem_loses_no_result(tmp_path, disk, fault):
     """Before: every worker crashed with a traceback (`OSError: [Errno 28] No space left on
     device`), and trials that had run to their end lost their results."""
     search = Search(tmp_path, disk, budget=6, sleep=5)
@@ -205,30 +209,94 @@ def test_a_full_or_read_only_database_filesystem_loses_no_result(tmp_path, disk,
     filler = disk / "filler"
     if fault == "full":
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "status=none"])  # Until it is full.
-    else:
-        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+    else:  # A read-only bind mount over it: `remount,ro` is refused while a file is open for writing.
+        assert subprocess.run(["mount", "--bind", str(disk), str(disk)]).returncode == 0
+        assert subprocess.run(["mount", "-o", "remount,bind,ro", str(disk)]).returncode == 0
     time.sleep(STALL)
     if fault == "full":
         filler.unlink()
     else:
-        assert subprocess.run(["mount", "-o", "remount,rw", str(disk)]).returncode == 0
+        assert subprocess.run(["umount", str(disk)]).returncode == 0  # The bind mount: writable again.
     exits = search.wait()
     check_search(search, exits)
     assert all("cannot be used" in worker.log.read_text() for worker in workers)
 
 
-def test_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(tmp_path, disk):
+
+def scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(tmp_path, disk):
     """A worker stalled (its trial runs on: the trial on local disk, the worker on a stalled file
     server) past its trial's loss: the trial, run again by another worker, is not also finished here.
     Before: the first run finished too (its end recorded twice), then its worker stopped."""
-    search = Search(tmp_path, disk, budget=1, sleep=30)
+    search = Search(tmp_path, disk, budget=1, sleep=40)
     victim = search.start()
-    while not (search.folder / "trials").is_dir() or not any((search.folder / "trials").glob("*/worker.json")):
+    deadline = time.monotonic() + 120
+    while not any((search.folder / "trials").glob("*/worker.json")):
+        assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-2000:]
         time.sleep(0.2)
     os.kill(victim.pid, signal.SIGSTOP)  # The worker only: its trial's process runs on.
     other = search.start()
-    time.sleep(35)  # Taken for lost, run again by the other worker, and past the first run's end.
+    time.sleep(45)  # Taken for lost, run again by the other worker, and past the first run's end.
     os.kill(victim.pid, signal.SIGCONT)
     exits = search.wait()
     check_search(search, exits, victims=(victim,))
     assert exits[1] == 0, other.log.read_text()
+
+
+
+# --- The tests: each scenario above runs in a thread of its own, all at once ----------------------
+# They mostly wait (for stalls to end, for timeouts to pass): together they take as long as the
+# longest, about two minutes, not the sum. Each test reads its scenario's outcome (its assertion,
+# if one failed).
+SCENARIOS = {
+    "killed holding the lease": (scenario_a_worker_killed_holding_the_database_lease_stops_no_other_trial, ()),
+    "stalled holding the lease": (
+        scenario_a_database_writer_stalled_past_every_timeout_rolls_nothing_back_and_runs_nothing_twice,
+        ("holding-database",)),
+    "stalled before the rename": (
+        scenario_a_database_writer_stalled_past_every_timeout_rolls_nothing_back_and_runs_nothing_twice,
+        ("before-rename",)),
+    "takeover during a suggestion": (scenario_an_algorithm_lock_taken_over_during_a_suggestion_keeps_the_budget_exact, ()),
+    "takeover during an observe": (scenario_a_result_observed_during_a_takeover_is_shown_to_the_algorithm, ()),
+    "full": (scenario_a_full_or_read_only_database_filesystem_loses_no_result, ("full",)),
+    "read-only": (scenario_a_full_or_read_only_database_filesystem_loses_no_result, ("read-only",)),
+    "worker stalled, trial running": (scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over, ()),
+}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    def run(name):
+        scenario, arguments = SCENARIOS[name]
+        folder = tmp_path_factory.mktemp(name.replace(" ", "-").replace(",", ""))
+        with small_tmpfs(folder / "database") as disk:
+            scenario(folder, disk, *arguments)
+    with concurrent.futures.ThreadPoolExecutor(len(SCENARIOS)) as pool:
+        futures = {name: pool.submit(run, name) for name in SCENARIOS}
+        concurrent.futures.wait(futures.values())
+    return futures
+
+
+def test_a_worker_killed_holding_the_database_lease_stops_no_other_trial(outcomes):
+    outcomes["killed holding the lease"].result()
+
+
+@pytest.mark.parametrize("point", ["holding-database", "before-rename"])
+def test_a_database_writer_stalled_past_every_timeout_rolls_nothing_back_and_runs_nothing_twice(outcomes, point):
+    outcomes["stalled holding the lease" if point == "holding-database" else "stalled before the rename"].result()
+
+
+def test_an_algorithm_lock_taken_over_during_a_suggestion_keeps_the_budget_exact(outcomes):
+    outcomes["takeover during a suggestion"].result()
+
+
+def test_a_result_observed_during_a_takeover_is_shown_to_the_algorithm(outcomes):
+    outcomes["takeover during an observe"].result()
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_a_full_or_read_only_database_filesystem_loses_no_result(outcomes, fault):
+    outcomes[fault].result()
+
+
+def test_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(outcomes):
+    outcomes["worker stalled, trial running"].result()
