@@ -380,7 +380,8 @@ def commit(database, path: str, generation: int, lock) -> None:
 # ORION_TOOLS_TEST_PAUSE=POINT[:N], for the fault tests only: the N-th time (default 1) this
 # process reaches POINT, it stops itself (SIGSTOP), as a suspended job or a stalled file server
 # would stop it there; the test chooses how long, then continues it (SIGCONT) or kills it.
-# Points: holding-database, before-rename, holding-algorithm, in-observe.
+# Points: holding-database, before-rename, holding-algorithm, in-observe, trial-ended (its result
+# not recorded yet).
 TEST_PAUSE = os.environ.get("ORION_TOOLS_TEST_PAUSE", "")
 TEST_PAUSE_COUNT: collections.Counter = collections.Counter()
 

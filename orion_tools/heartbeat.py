@@ -5,11 +5,15 @@ reservation (heartbeat, status and results written into it only), the trial's pr
 
 import contextlib
 import datetime
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 import orion.core
@@ -19,7 +23,7 @@ from orion.core.utils.exceptions import InexecutableUserScript
 from orion.storage.base import FailedUpdate
 
 from .budget import RAN_A_TRIAL
-from .database import DatabaseLockError
+from .database import DatabaseLockError, write_whole
 
 # --- The heartbeat of a running trial, and its reservation --------------------------------------
 # Oríon 0.2.7's pacemaker wrote the heartbeat every 60 s, hard-coded, whatever ORION_HEARTBEAT
@@ -39,7 +43,20 @@ from .database import DatabaseLockError
 # ORION_HEARTBEAT / 2), says why in one line and exits 1.
 WORKER_STOPPED = threading.Event()  # Set by stop_worker: this worker stops, its trial too.
 RUNNING_TRIAL: list = []  # The trial's process while one runs (singleexecutor: one at a time).
-RESERVED_AT: list = [None]  # The running trial's reservation, as worker.json names it (records.py).
+CURRENT_TRIAL: list = [None]  # The trial this worker runs (records.py's consume_and_record sets it).
+WORKER_FILE = "worker.json"
+
+
+def iso(moment) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def record_worker(trial, results_path: str | None = None) -> None:
+    """Writes the trial folder's worker.json: which worker runs the trial, under which reservation,
+    and (once known) where its process writes its result (records.py reads it back)."""
+    write_whole(Path(trial.working_dir, WORKER_FILE), json.dumps({
+        "trial": trial.id, "slurm_job": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(),
+        "pid": os.getpid(), "reserved_at": iso(trial.start_time), "results": results_path}))
 
 
 def stop_worker(message: str) -> None:
@@ -92,9 +109,10 @@ def push_results_of_this_reservation(self, trial) -> int:
         if updated:
             return updated
     status = self.get_trial(trial).status
-    stop_worker(f"trial {trial.id} ended in this worker, but another worker had taken it for lost meanwhile and "
-                f"{'runs it now' if status == 'reserved' else f'it is {status}'}: this result is not recorded (was "
-                "this worker stalled?); this worker exits")
+    stop_worker(f"trial {trial.id} ended in this worker, but another worker had taken it for lost meanwhile (was "
+                "this worker stalled?) and " + ("runs it now: this result is not recorded" if status == "reserved" else
+                                                f"it is {status} now (a completed one with this run's result, found "
+                                                "in its folder, or its own)") + "; this worker exits")
     raise FailedUpdate()
 
 
@@ -141,8 +159,12 @@ def run_trial(self, cmd_args, environ) -> None:
     not `broken`, and whose process stop_worker can stop."""
     if WORKER_STOPPED.is_set():  # Oríon's runner reserved this trial after stop_worker: not run, resumed later.
         raise ExecutionError(orion.core.config.worker.interrupt_signal_code)
-    # The trial's process stops if another worker takes the trial over (trial_support/reservation.py).
-    environ = {**environ, "ORION_TOOLS_RESERVED_AT": RESERVED_AT[0] or ""}
+    trial = CURRENT_TRIAL[0]
+    # The trial's process stops if another worker takes the trial over (trial_support/reservation.py);
+    # and should this worker die before it records the result, the next one finds it (records.py).
+    environ = {**environ, "ORION_TOOLS_RESERVED_AT": iso(trial.start_time) if trial is not None else ""}
+    if trial is not None:
+        record_worker(trial, environ.get("ORION_RESULTS_PATH"))
     try:
         process = subprocess.Popen(cmd_args, env=environ)
     except PermissionError as error:

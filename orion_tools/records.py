@@ -17,14 +17,13 @@ from pathlib import Path
 
 import orion.core
 from orion.client import get_experiment
+from orion.core.io.convert import JSONConverter
 from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.utils.exceptions import NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
 
-from .database import open_experiment, storage, trials_dir_of, write_whole
-from .heartbeat import RESERVED_AT
-
-WORKER_FILE = "worker.json"
+from .database import open_experiment, storage, test_pause, trials_dir_of
+from .heartbeat import CURRENT_TRIAL, WORKER_FILE, iso, record_worker
 
 
 
@@ -80,17 +79,6 @@ ORIONS_CONSUMER_CALL = Consumer.__call__
 WORKER_RECORDS: Path | None = None  # hunt's --worker-records.
 
 
-def iso(moment) -> str | None:
-    return moment.isoformat() if moment is not None else None
-
-
-def record_worker(trial) -> None:
-    RESERVED_AT[0] = iso(trial.start_time)
-    write_whole(Path(trial.working_dir, WORKER_FILE), json.dumps({
-        "slurm_job": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(), "pid": os.getpid(),
-        "reserved_at": iso(trial.start_time)}))
-
-
 def record_outcome(trial, outcome: str) -> None:
     if WORKER_RECORDS is None:
         return
@@ -112,8 +100,30 @@ def keep_trial_tracebacks_in_the_workers_log(record: logging.LogRecord) -> bool:
     return False
 
 
+def result_left_by_a_dead_worker(trial) -> list | None:
+    """The result of a run of `trial` that ended, in a worker that died (or stalled) before it
+    recorded it, if its folder holds one: worker.json names this trial (not an ASHA parent whose
+    folder was copied), another reservation, and a results file with a result in it."""
+    worker = worker_of(Path(trial.working_dir))
+    if worker.get("trial") != trial.id or not worker.get("results") or worker.get("reserved_at") == iso(trial.start_time):
+        return None
+    try:
+        results = JSONConverter().parse(worker["results"])  # How Oríon's consumer reads it.
+    except (OSError, ValueError):  # None: the run did not end (interrupted, killed, taken over).
+        return None
+    return results if isinstance(results, list) and results else None
+
+
 def consume_and_record(self, trial, **kwargs):
-    """Oríon's run of one trial (`Consumer.__call__`), which records who ran it and how it ended."""
+    """Oríon's run of one trial (`Consumer.__call__`), which records who ran it and how it ended,
+    and records without running it again the result of a run whose worker died before recording it."""
+    CURRENT_TRIAL[0] = trial
+    left = result_left_by_a_dead_worker(trial)
+    if left is not None:
+        print(f"Trial {trial.id} had run to its end in a worker that stopped before recording its result: that "
+              "result is recorded now, without running the trial again", flush=True)
+        record_outcome(trial, "completed")
+        return left
     record_worker(trial)
     try:
         results = ORIONS_CONSUMER_CALL(self, trial, **kwargs)
@@ -129,6 +139,7 @@ def consume_and_record(self, trial, **kwargs):
         record_outcome(trial, "broken")
         raise
     record_outcome(trial, "completed")
+    test_pause("trial-ended")
     return results
 
 

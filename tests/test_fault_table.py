@@ -244,6 +244,20 @@ def scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(t
 
 
 
+def scenario_a_worker_killed_after_its_trial_ended_loses_no_result(tmp_path, disk):
+    """A worker killed after its trial ran to its end, before it recorded the result (the node
+    died): the next worker records that result, found in the trial's folder, without running the
+    trial again. Before: the trial ran again, to its end (twice)."""
+    search = Search(tmp_path, disk, budget=2, sleep=3)
+    victim = search.start(pause="trial-ended:1")
+    stopped(victim)
+    os.killpg(victim.pid, signal.SIGKILL)
+    search.start()
+    exits = search.wait()
+    check_search(search, exits, victims=(victim,))
+    assert "that result is recorded now, without running the trial again" in search.workers[1].log.read_text()
+
+
 # --- The tests: each scenario above runs in a thread of its own, all at once ----------------------
 # They mostly wait (for stalls to end, for timeouts to pass): together they take as long as the
 # longest, about two minutes, not the sum. Each test reads its scenario's outcome (its assertion,
@@ -261,6 +275,7 @@ SCENARIOS = {
     "full": (scenario_a_full_or_read_only_database_filesystem_loses_no_result, ("full",)),
     "read-only": (scenario_a_full_or_read_only_database_filesystem_loses_no_result, ("read-only",)),
     "worker stalled, trial running": (scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over, ()),
+    "killed after its trial's end": (scenario_a_worker_killed_after_its_trial_ended_loses_no_result, ()),
 }
 
 
@@ -301,3 +316,7 @@ def test_a_full_or_read_only_database_filesystem_loses_no_result(outcomes, fault
 
 def test_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(outcomes):
     outcomes["worker stalled, trial running"].result()
+
+
+def test_a_worker_killed_after_its_trial_ended_loses_no_result(outcomes):
+    outcomes["killed after its trial's end"].result()
