@@ -18,7 +18,7 @@ from orion.core.worker.warm_start.warm_starteable import is_warmstarteable
 
 from .algorithm_lock import ALGORITHM_LOCK_TIMEOUT, AlgorithmLockLost, ObserveLater, register_within_budget
 from .database import LOCK_WAIT, test_pause
-from .lost_trials import looks_lost
+from .lost_trials import looks_lost, may_be_lost, seen_alive
 
 # --- hunt: `orion hunt`, with an exact budget ------------------------------------------------
 # Oríon 0.2.7 hands out trials until `max_trials` have *completed*: W workers run up to
@@ -79,8 +79,9 @@ ORIONS_IS_DONE = Experiment.is_done  # Before `hunt` replaces it.
 # died (SIGKILL, node failure), no worker was left to resume its trial once it counted as lost,
 # and the search ended short, exit 0. Now a worker that has run a trial stays while any trial is
 # reserved (it polls every ORION_HEARTBEAT / 4 s, at most 5 s), and resumes a trial that
-# becomes lost; a worker that never got one (a spare: more workers than trials) still exits at
-# once, since the workers that did get one stay. (Up to `idle_timeout`, as for any idle worker.)
+# becomes lost; a worker that never got one (a spare: more workers than trials) stays until it
+# has seen each reserved trial's heartbeat move (about one ORION_HEARTBEAT), since the workers
+# that did get one stay. (Up to `idle_timeout`, as for any idle worker.)
 RAN_A_TRIAL = threading.Event()
 
 
@@ -95,10 +96,16 @@ def done_within_budget(self) -> bool:
     if ORIONS_IS_DONE.fget(self):
         return True
     trials = self.fetch_trials(with_evc_tree=False)  # One read of the database for all questions.
-    waiting = [trial for trial in trials if trial.status in ("new", "interrupted") or looks_lost(trial)]
+    waiting = [trial for trial in trials if trial.status in ("new", "interrupted") or may_be_lost(trial)]
     if trials_left(self, trials) > 0 or waiting:
         return False
-    return not (RAN_A_TRIAL.is_set() and any(trial.status == "reserved" for trial in trials))
+    reserved = [trial for trial in trials if trial.status == "reserved"]
+    if RAN_A_TRIAL.is_set():
+        return not reserved
+    # A spare leaves once it has seen each reserved trial's heartbeat move (their workers live and
+    # stay): should they all have died (a job resubmitted after its nodes failed), it stays, and
+    # runs their trials once they count as lost.
+    return all(seen_alive(trial) for trial in reserved)
 
 
 

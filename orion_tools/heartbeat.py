@@ -84,6 +84,12 @@ def update_heartbeat_of_this_reservation(self, trial) -> int:
     return self.update_trial(trial, heartbeat=datetime.datetime.utcnow(), where=reservation(trial))
 
 
+def status_of(storage, trial) -> str:
+    """The trial's status in the database ("missing" if it is not there any more)."""
+    current = storage.get_trial(trial)
+    return current.status if current is not None else "missing"
+
+
 def set_status_of_this_reservation(self, trial, status, heartbeat=None, was=None) -> None:
     """Oríon's `Legacy.set_trial_status`; releasing a reserved trial (was="reserved") only from this
     worker's own reservation, not from the worker that runs it now."""
@@ -93,9 +99,12 @@ def set_status_of_this_reservation(self, trial, status, heartbeat=None, was=None
     where = reservation(trial) if was == "reserved" and trial.start_time is not None else {"status": was}
     if not self.update_trial(trial, status=status, heartbeat=heartbeat or datetime.datetime.utcnow(),
                              experiment=trial.experiment, where=where):
-        if was == "reserved":  # Oríon's runner would end in a traceback (RuntimeError): one line instead.
-            stop_worker(f"trial {trial.id} is {self.get_trial(trial).status} now, no longer reserved by this worker: "
-                        "another worker took it for lost meanwhile (was this worker stalled?); this worker exits")
+        status = status_of(self, trial)
+        # Oríon's runner would end in a traceback (RuntimeError): one line instead. (A trial gone
+        # from the database is Oríon's ValueError, as it is.)
+        if was == "reserved" and status != "missing":
+            stop_worker(f"trial {trial.id} is {status} now, no longer reserved by this worker: another worker took "
+                        "it for lost meanwhile (was this worker stalled?); this worker exits")
         raise FailedUpdate()
     trial.status = status
 
@@ -108,7 +117,9 @@ def push_results_of_this_reservation(self, trial) -> int:
         updated = self.update_trial(trial, **trial.to_dict(), where=where)
         if updated:
             return updated
-    status = self.get_trial(trial).status
+    status = status_of(self, trial)
+    if status == "missing":  # Oríon's ValueError, as it is.
+        raise FailedUpdate()
     stop_worker(f"trial {trial.id} ended in this worker, but another worker had taken it for lost meanwhile (was "
                 "this worker stalled?) and " + ("runs it now: this result is not recorded" if status == "reserved" else
                                                 f"it is {status} now (a completed one with this run's result, found "
@@ -141,7 +152,7 @@ def beat(self) -> None:
         # No longer reserved by us. Once the trial's process has ended, this worker is releasing it
         # (completed, broken, interrupted) and is about to stop this thread: nothing to say.
         if RUNNING_TRIAL:
-            status = self.storage.get_trial(self.trial).status
+            status = status_of(self.storage, self.trial)
             stop_worker(f"trial {self.trial.id} is {status}{' by another worker' if status == 'reserved' else ''} "
                         f"while it runs here: another worker took it for lost (its heartbeat stood still for 5 x "
                         f"ORION_HEARTBEAT = {5 * interval} s: was this worker stalled?); this worker stopped it "
@@ -164,6 +175,13 @@ def run_trial(self, cmd_args, environ) -> None:
     # and should this worker die before it records the result, the next one finds it (records.py).
     environ = {**environ, "ORION_TOOLS_RESERVED_AT": iso(trial.start_time) if trial is not None else ""}
     if trial is not None:
+        # A worker stalled since it reserved the trial may have lost it: then it neither starts it nor
+        # writes worker.json over the new run's (the trial's process there would take it as taken over).
+        if not self.experiment._storage.update_heartbeat(trial):
+            stop_worker(f"trial {trial.id} is {status_of(self.experiment._storage, trial)} now, no longer reserved by "
+                        "this worker: another worker took it for lost before it could start it (was this worker "
+                        "stalled?); this worker exits")
+            raise ExecutionError(orion.core.config.worker.interrupt_signal_code)
         record_worker(trial, environ.get("ORION_RESULTS_PATH"))
     try:
         process = subprocess.Popen(cmd_args, env=environ)

@@ -28,12 +28,17 @@ from .database import clock
 # so a heartbeat written at the last moment wins. A worker taken for lost although alive (it was
 # stalled past that) cannot write into the next reservation (heartbeat.py), and stops.
 WATCHED: dict = {}  # trial id -> ((heartbeat, start_time), clock() when first seen so)
+LAST_SEEN: dict = {}  # trial id -> (heartbeat, start_time) at this worker's last look, any look
+ALIVE: set = set()  # Trials whose heartbeat this worker has seen move: their worker lives.
 LAST_LOOK: list = [None]  # clock() of this worker's last look that counted
 WATCH_LOCK = threading.Lock()
 
 
-def database_writable(path: str) -> bool:
-    """Whether the database's filesystem is writable now (not read-only, not full)."""
+def database_writable(path: str | None) -> bool:
+    """Whether the database's filesystem is writable now (not read-only, not full). A database
+    that is no file (Oríon's in-memory EphemeralDB, MongoDB) is taken as writable."""
+    if not path:
+        return True
     try:
         stat = os.statvfs(os.path.dirname(os.path.abspath(path)))
         size = os.path.getsize(path)
@@ -57,6 +62,9 @@ def watch(trials: list, database: str) -> None:
             if trial.status != "reserved":
                 continue
             state = (trial.heartbeat, trial.start_time)
+            if LAST_SEEN.get(trial.id, state) != state:
+                ALIVE.add((trial.id, trial.start_time))
+            LAST_SEEN[trial.id] = state
             before = WATCHED.get(trial.id)
             seen[trial.id] = before if before is not None and before[0] == state else (state, now)
         WATCHED.clear()
@@ -71,11 +79,28 @@ def looks_lost(trial) -> bool:
                 and clock() - watched[1] >= 5 * orion.core.config.worker.heartbeat)
 
 
+def seen_alive(trial) -> bool:
+    """Whether this worker has seen the heartbeat of `trial`'s current reservation move."""
+    with WATCH_LOCK:
+        return (trial.id, trial.start_time) in ALIVE
+
+
+def may_be_lost(trial) -> bool:
+    """Whether a worker should stay for `trial` (it may become lost, to be run again): it looks
+    lost, or its heartbeat is older than 5 x ORION_HEARTBEAT by this worker's clock. The latter
+    alone never marks it lost (a clock ahead, an outage): it only keeps a worker watching, so that
+    a job resubmitted after all its workers died finishes the trials they left."""
+    if trial.status != "reserved":
+        return False
+    stale = datetime.datetime.utcnow() - datetime.timedelta(seconds=5 * orion.core.config.worker.heartbeat)
+    return looks_lost(trial) or (trial.heartbeat is not None and trial.heartbeat <= stale)
+
+
 def fix_lost_trials(self, with_evc_tree=True) -> None:
     """Oríon's `Experiment.fix_lost_trials`, judging as described above."""
     self._check_if_writable()
     reserved = self._storage.fetch_trials_by_status(self, "reserved")
-    watch(reserved, self._storage._db.host)
+    watch(reserved, getattr(self._storage._db, "host", None))
     for trial in reserved:
         if not looks_lost(trial):
             continue

@@ -23,7 +23,7 @@ from orion.core.utils.exceptions import NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
 
 from .database import open_experiment, storage, test_pause, trials_dir_of
-from .heartbeat import CURRENT_TRIAL, WORKER_FILE, iso, record_worker
+from .heartbeat import CURRENT_TRIAL, WORKER_FILE, iso
 
 
 
@@ -124,8 +124,7 @@ def consume_and_record(self, trial, **kwargs):
               "result is recorded now, without running the trial again", flush=True)
         record_outcome(trial, "completed")
         return left
-    record_worker(trial)
-    try:
+    try:  # run_trial writes the trial's worker.json, once its reservation is checked.
         results = ORIONS_CONSUMER_CALL(self, trial, **kwargs)
     except ExecutionError as error:
         interrupted = error.return_code == orion.core.config.worker.interrupt_signal_code

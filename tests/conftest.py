@@ -165,7 +165,7 @@ SLOW_TESTS = {  # The run of 2026-12-02 15:25 (10 min 40 s), setup and call; 202
     "test_orion.py::test_diverged_trials_complete_and_the_search_goes_on": 47,
     "test_streaming.py::test_sigterm_mid_epoch_then_resume_reproduces_the_run": 30,
     "test_patches.py::test_every_installed_patch_has_a_row_and_every_row_is_installed": 20,
-    "test_orion_own_tests.py::test_orions_warm_start_tests_have_the_same_outcomes_with_and_without_the_replacements": 30,
+    "test_orion_own_tests.py::test_orions_warm_start_tests_have_the_same_outcomes_with_and_without_the_replacements": 40,
     "test_job_dry_run.py::test_runs_outside_slurm_on_a_workstation": 81,
     "test_benchmarks.py::test_quick_run_exits_0": 12,  # Each of 7: the quick runs start together.
     "test_job.py::test_job_whose_trials_break_fails": 74,

@@ -258,6 +258,23 @@ def scenario_a_worker_killed_after_its_trial_ended_loses_no_result(tmp_path, dis
     assert "that result is recorded now, without running the trial again" in search.workers[1].log.read_text()
 
 
+def scenario_a_new_worker_finishes_the_trial_that_dead_workers_left(tmp_path, disk):
+    """Every worker of a search killed (the job's nodes failed) while one holds the last trial;
+    a worker started later (the job resubmitted) stays, watches that trial's heartbeat stand still,
+    and runs it: the search completes."""
+    search = Search(tmp_path, disk, budget=1, sleep=30)
+    victim = search.start()
+    deadline = time.monotonic() + 120
+    while not any((search.folder / "trials").glob("*/worker.json")):
+        assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-2000:]
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)
+    search.start()
+    exits = search.wait()
+    check_search(search, exits, victims=(victim,))
+    assert len(search.runs()) == 1
+
+
 # --- The tests: each scenario above runs in a thread of its own, all at once ----------------------
 # They mostly wait (for stalls to end, for timeouts to pass): together they take as long as the
 # longest, about two minutes, not the sum. Each test reads its scenario's outcome (its assertion,
@@ -276,16 +293,20 @@ SCENARIOS = {
     "read-only": (scenario_a_full_or_read_only_database_filesystem_loses_no_result, ("read-only",)),
     "worker stalled, trial running": (scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over, ()),
     "killed after its trial's end": (scenario_a_worker_killed_after_its_trial_ended_loses_no_result, ()),
+    "all workers killed": (scenario_a_new_worker_finishes_the_trial_that_dead_workers_left, ()),
 }
 
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
+    # Made here, not in the threads: pytest's tmp_path_factory is not thread-safe.
+    folders = {name: tmp_path_factory.mktemp(name.replace(" ", "-").replace(",", "").replace("'", ""))
+               for name in SCENARIOS}
+
     def run(name):
         scenario, arguments = SCENARIOS[name]
-        folder = tmp_path_factory.mktemp(name.replace(" ", "-").replace(",", ""))
-        with small_tmpfs(folder / "database") as disk:
-            scenario(folder, disk, *arguments)
+        with small_tmpfs(folders[name] / "database") as disk:
+            scenario(folders[name], disk, *arguments)
     with concurrent.futures.ThreadPoolExecutor(len(SCENARIOS)) as pool:
         futures = {name: pool.submit(run, name) for name in SCENARIOS}
         concurrent.futures.wait(futures.values())
@@ -320,3 +341,7 @@ def test_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(outco
 
 def test_a_worker_killed_after_its_trial_ended_loses_no_result(outcomes):
     outcomes["killed after its trial's end"].result()
+
+
+def test_a_new_worker_finishes_the_trial_that_dead_workers_left(outcomes):
+    outcomes["all workers killed"].result()

@@ -143,7 +143,9 @@ def start_workers(tmp_path, n_workers: int, budget: int, trial_seconds: float) -
         # Oríon's LazyWorkers wait, far beyond this test: a spare worker must not need it.
         "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n"
     )
-    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl", SLURM_JOB_ID="1234")
+    # A spare worker leaves once it has seen each running trial's heartbeat move: every 4 s here.
+    env = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=tmp_path / "orion_db.pkl", SLURM_JOB_ID="1234",
+                    ORION_HEARTBEAT="4")
     command = standin_hunt_command("budget", config, tmp_path / "trials", "--sleep", trial_seconds,
                                    worker_records=tmp_path / "records")
     # Each worker's output in a file of tmp_path, to read when a test fails.
