@@ -138,24 +138,29 @@ def register_within_budget(experiment, trials: list) -> int:
         trial.exp_working_dir = experiment.working_dir
         configs.append((trial, trial.to_dict()))
 
+    def register(database) -> int:
+        if not database.read("algo", hold.query()):
+            raise AlgorithmLockLost()
+        present = database.read("trials", {"experiment": experiment.id}, selection={"id": 1, "status": 1})
+        left = experiment.max_trials - sum(doc["status"] != "broken" for doc in present)
+        known = {doc["id"] for doc in present}
+        registered = 0
+        for trial, config in configs:
+            if registered >= left or config["id"] in known:
+                continue
+            config = dict(config)
+            database.write("trials", config)
+            trial.id_override = config["_id"]
+            registered += 1
+        return registered
+
     @patiently
-    def register(db) -> int:
+    def register_in_one_update(db) -> int:
         with db.locked_database(write=True) as database:
-            if not database.read("algo", hold.query()):
-                raise AlgorithmLockLost()
-            present = database.read("trials", {"experiment": experiment.id}, selection={"id": 1, "status": 1})
-            left = experiment.max_trials - sum(doc["status"] != "broken" for doc in present)
-            known = {doc["id"] for doc in present}
-            registered = 0
-            for trial, config in configs:
-                if registered >= left or config["id"] in known:
-                    continue
-                config = dict(config)
-                database.write("trials", config)
-                trial.id_override = config["_id"]
-                registered += 1
-            return registered
-    return register(experiment._storage._db)
+            return register(database)
+    db = experiment._storage._db
+    # A PickledDB file: one locked update. Oríon's in-memory database (its tests, --debug): as it is.
+    return register_in_one_update(db) if hasattr(db, "locked_database") else register(db)
 
 
 @contextlib.contextmanager

@@ -173,11 +173,12 @@ def run_trial(self, cmd_args, environ) -> None:
     trial = CURRENT_TRIAL[0]
     # The trial's process stops if another worker takes the trial over (trial_support/reservation.py);
     # and should this worker die before it records the result, the next one finds it (records.py).
-    environ = {**environ, "ORION_TOOLS_RESERVED_AT": iso(trial.start_time) if trial is not None else ""}
+    environ = {**environ, "ORION_TOOLS_RESERVED_AT": (iso(trial.start_time) if trial is not None else None) or ""}
     if trial is not None:
         # A worker stalled since it reserved the trial may have lost it: then it neither starts it nor
         # writes worker.json over the new run's (the trial's process there would take it as taken over).
-        if not self.experiment._storage.update_heartbeat(trial):
+        reserved = trial.status == "reserved" and trial.start_time is not None  # As Oríon's workers reserve.
+        if reserved and not self.experiment._storage.update_heartbeat(trial):
             stop_worker(f"trial {trial.id} is {status_of(self.experiment._storage, trial)} now, no longer reserved by "
                         "this worker: another worker took it for lost before it could start it (was this worker "
                         "stalled?); this worker exits")

@@ -86,9 +86,6 @@ INTENDED_DIFFERENCES = {
     "tests/unittests/storage/test_storage.py::TestStorage::test_acquire_algorithm_lock_not_initialised[None]": (
         "`Legacy.acquire_algorithm_lock` -> algorithm_lock.algorithm_lock names a missing algorithm record "
         "(AlgorithmRecordMissing) instead of timing out as if the lock were taken"),
-    f"{WORKER}/test_experiment.py::test_is_done_property_with_pending": (
-        "`Experiment.is_done` -> budget.done_within_budget: a worker that has run no trial is done once the budget "
-        "is all completed or reserved by other workers (it leaves them to finish), where Oríon waits for them"),
     "tests/unittests/core/database/test_pickleddb.py::test_query_timeout": (
         "`PickledDB.locked_database` -> database.fenced_locked_database raises DatabaseTimeout with one line of its "
         "own, not Oríon's 'Could not acquire lock for PickledDB after ...' that the test matches"),
