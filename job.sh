@@ -141,9 +141,9 @@ check_and_set_defaults() {
     export ORION_DB_TYPE=pickleddb
     export ORION_DB_ADDRESS="${ORION_DB_ADDRESS:-$search_dir/orion_db.pkl}"
     export ORION_HEARTBEAT="${ORION_HEARTBEAT:-30}"  # Why 30 s: see docs/preemption.md.
-    # Every job on one database must use the same (orion_tools hunt refuses another while a trial runs).
-    if ! [[ "$ORION_HEARTBEAT" =~ ^[0-9]+$ ]] || (( ORION_HEARTBEAT < 5 )); then
-        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds of at least 5" \
+    # Every job of one search must use the same (orion_tools hunt refuses another in one line).
+    if ! [[ "$ORION_HEARTBEAT" =~ ^[1-9][0-9]{0,3}$ ]] || (( ORION_HEARTBEAT < 5 )); then
+        echo "error: ORION_HEARTBEAT=$ORION_HEARTBEAT: use a whole number of seconds from 5 to 9999" \
             "(docs/preemption.md), e.g. the default, 30" >&2
         exit 1
     fi

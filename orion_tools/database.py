@@ -429,6 +429,43 @@ def fenced_locked_database(self, write=True):
 OUTAGES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE, errno.EIO}
 OUTAGE_POLL = 2.0  # s
 PATIENT = threading.Event()
+OUTAGE_SAID = threading.Lock()  # The threads of one process say a wait once, not once each.
+OUTAGE_WAITERS = [0]
+
+
+def outage_begins(what: str, why: str) -> None:
+    with OUTAGE_SAID:
+        OUTAGE_WAITERS[0] += 1
+        if OUTAGE_WAITERS[0] == 1:
+            print(f"warning: {what} cannot be used ({why}): waiting until it can; nothing is lost meanwhile",
+                  file=sys.stderr, flush=True)
+
+
+def outage_ends(what: str, seconds: float) -> None:
+    with OUTAGE_SAID:
+        OUTAGE_WAITERS[0] -= 1
+        if OUTAGE_WAITERS[0] == 0:
+            print(f"{what[0].upper()}{what[1:]} is usable again, after {seconds:.0f} s", file=sys.stderr, flush=True)
+
+
+def waiting_out_outages(action, what: str):
+    """`action()`, tried again every OUTAGE_POLL s while it fails for a full, read-only or stale
+    filesystem (one warning line): for the files a worker writes beside the database."""
+    since = None
+    try:
+        while True:
+            try:
+                return action()
+            except OSError as error:
+                if error.errno not in OUTAGES:
+                    raise
+                if since is None:
+                    since = time.monotonic()
+                    outage_begins(what, os.strerror(error.errno))
+                time.sleep(OUTAGE_POLL)
+    finally:
+        if since is not None:
+            outage_ends(what, time.monotonic() - since)
 
 
 def patiently(operation):
@@ -454,13 +491,11 @@ def patiently(operation):
                 if why is not None:
                     if waiting is None:
                         waiting = (time.monotonic(), why)
-                        print(f"warning: the Oríon database {self.host} cannot be used ({why}): waiting until it can; "
-                              "nothing is lost meanwhile", file=sys.stderr, flush=True)
+                        outage_begins(f"the Oríon database {self.host}", why)
                     time.sleep(OUTAGE_POLL)
         finally:
             if waiting is not None:
-                print(f"The Oríon database {self.host} is usable again, after {time.monotonic() - waiting[0]:.0f} s",
-                      file=sys.stderr, flush=True)
+                outage_ends(f"the Oríon database {self.host}", time.monotonic() - waiting[0])
     run.__module__ = __name__  # Oríon's name and docstring, but this module's (docs/orion-patches.md).
     return run
 
@@ -482,8 +517,16 @@ def write_whole(path: Path, text: str) -> None:
     """Writes `path` through a temporary name of its own, then renames it: a reader, or another
     worker, never sees half of it."""
     temporary = temporary_path(path.with_name(f".{path.name}"))  # Hidden: `ls` shows whole files only.
-    Path(temporary).write_text(text)
-    os.replace(temporary, path)
+
+    def write() -> None:
+        try:
+            Path(temporary).write_text(text)
+            os.replace(temporary, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    waiting_out_outages(write, f"the folder of {path}")
 
 
 class ReportError(Exception):

@@ -30,6 +30,7 @@ from .database import clock
 WATCHED: dict = {}  # trial id -> ((heartbeat, start_time), clock() when first seen so)
 LAST_SEEN: dict = {}  # trial id -> (heartbeat, start_time) at this worker's last look, any look
 ALIVE: set = set()  # Trials whose heartbeat this worker has seen move: their worker lives.
+ANNOUNCED: set = set()  # Trials this worker has said it watches.
 LAST_LOOK: list = [None]  # clock() of this worker's last look that counted
 WATCH_LOCK = threading.Lock()
 
@@ -102,6 +103,11 @@ def fix_lost_trials(self, with_evc_tree=True) -> None:
     reserved = self._storage.fetch_trials_by_status(self, "reserved")
     watch(reserved, getattr(self._storage._db, "host", None))
     for trial in reserved:
+        if may_be_lost(trial) and (trial.id, trial.start_time) not in ANNOUNCED:
+            ANNOUNCED.add((trial.id, trial.start_time))
+            print(f"Trial {trial.id} is reserved but its heartbeat is old (its worker died, or is stalled?): this "
+                  f"worker runs it again once it has watched it stand still for 5 x ORION_HEARTBEAT = "
+                  f"{5 * orion.core.config.worker.heartbeat} s", flush=True)
         if not looks_lost(trial):
             continue
         where = {"status": "reserved", "heartbeat": trial.heartbeat, "start_time": trial.start_time}

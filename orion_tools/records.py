@@ -22,7 +22,7 @@ from orion.core.worker.consumer import Consumer, ExecutionError
 from orion.core.utils.exceptions import NoConfigurationError
 from orion.storage.base import FailedUpdate  # Not in orion.core.utils.exceptions.
 
-from .database import open_experiment, storage, test_pause, trials_dir_of
+from .database import open_experiment, storage, test_pause, trials_dir_of, waiting_out_outages
 from .heartbeat import CURRENT_TRIAL, WORKER_FILE, iso
 
 
@@ -83,8 +83,11 @@ def record_outcome(trial, outcome: str) -> None:
     if WORKER_RECORDS is None:
         return
     line = json.dumps({"trial": trial.id, "outcome": outcome, "end": time.time()}) + "\n"
-    with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as file:
-        file.write(line)
+
+    def append() -> None:
+        with open(WORKER_RECORDS / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as file:
+            file.write(line)
+    waiting_out_outages(append, f"the worker records {WORKER_RECORDS}")
 
 
 def keep_trial_tracebacks_in_the_workers_log(record: logging.LogRecord) -> bool:
@@ -105,8 +108,9 @@ def result_left_by_a_dead_worker(trial) -> list | None:
     recorded it, if its folder holds one: worker.json names this trial (not an ASHA parent whose
     folder was copied), another reservation, and a results file with a result in it."""
     worker = worker_of(Path(trial.working_dir))
-    if worker.get("trial") != trial.id or not worker.get("results") or worker.get("reserved_at") == iso(trial.start_time):
-        return None
+    if (worker.get("trial"), worker.get("experiment")) != (trial.id, str(trial.experiment)) \
+            or not worker.get("results") or worker.get("reserved_at") == iso(trial.start_time):
+        return None  # (Trial ids do not name their experiment: a folder another search left is not this trial's.)
     try:
         results = JSONConverter().parse(worker["results"])  # How Oríon's consumer reads it.
     except (OSError, ValueError):  # None: the run did not end (interrupted, killed, taken over).

@@ -13,51 +13,64 @@ from orion.core.cli.base import OrionArgsParser
 from orion.core.utils.exceptions import LazyWorkers
 
 from . import patches, records
-from .algorithm_lock import ALGORITHM_LOCK_STALE
 from .budget import idle_verdict
 from .database import DATABASE_LOCK_LEASE, PATIENT, DatabaseLockError, patiently, storage
 from .heartbeat import WORKER_STOPPED, stop_worker
 from .records import keep_trial_tracebacks_in_the_workers_log
 
-# --- Timings every worker of a database must share -----------------------------------------------
+# --- Timings every worker of a search must share ---------------------------------------------------
 # A worker takes a trial for lost after 5 x ITS OWN ORION_HEARTBEAT: a job started with 120 s
-# beside one with 23 s saw its live trials taken for lost and run twice. The database lock's
-# lease and the algorithm lock's takeover are judged the same way. So the first worker of a
-# database records them in it (collection `orion_tools_settings`), and a worker with other values
-# is refused in one line while any trial of the database is reserved; once none is, the new
-# values replace the old ones (a new search may choose others).
+# beside one with 23 s saw its live trials taken for lost and run twice; and the database lock's
+# lease is its file's. So the first
+# worker of an experiment records them in the database (collection `orion_tools_settings`, in
+# the same update that reads them: two workers starting at once cannot both be first), and a
+# worker of that experiment with other values is refused in one line. A new experiment may
+# choose others.
 SETTINGS = "orion_tools_settings"
+LONGEST_HEARTBEAT = 86400  # s: beyond, Python's timers overflow (and a lost trial would wait 5 days).
 
 
 def timings() -> dict:
-    return {"ORION_HEARTBEAT": orion.core.config.worker.heartbeat, "ORION_TOOLS_LOCK_LEASE": DATABASE_LOCK_LEASE,
-            "ORION_TOOLS_ALGORITHM_LOCK_STALE": ALGORITHM_LOCK_STALE}
+    # (Not ALGORITHM_LOCK_STALE: a waiter more impatient than the holder's renewals takes a live
+    # holder's lock over, which is wasteful but safe: what the old holder then does is fenced.)
+    return {"ORION_HEARTBEAT": orion.core.config.worker.heartbeat, "ORION_TOOLS_LOCK_LEASE": DATABASE_LOCK_LEASE}
 
 
-def agree_on_timings(database_path: str) -> str | None:
-    """Records this worker's timings in the database, or says in one line why they are refused."""
+def experiment_name(hunt_arguments: list[str]) -> str | None:
+    for i, argument in enumerate(hunt_arguments):
+        if argument in ("-n", "--name") and i + 1 < len(hunt_arguments):
+            return hunt_arguments[i + 1]
+        if argument.startswith("--name="):
+            return argument.split("=", 1)[1]
+    return None
+
+
+def agree_on_timings(database_path: str, experiment: str) -> str | None:
+    """Records this worker's timings for `experiment` in the database, or says in one line why
+    they are refused."""
     from orion.core.io.database.pickleddb import PickledDB
     config = storage(database_path)["database"]
     db = PickledDB(host=config["host"], timeout=config["timeout"])
     mine = timings()
+    key = f"timings of {experiment}"
 
     @patiently
     def agree(db):
         with db.locked_database(write=True) as database:
-            [recorded] = database.read(SETTINGS, {"_id": "timings"}) or [None]
-            recorded = {key: value for key, value in (recorded or {}).items() if key != "_id"}
+            [recorded] = database.read(SETTINGS, {"_id": key}) or [None]
+            if recorded is None:
+                database.write(SETTINGS, {"_id": key, **mine})
+                return None
+            recorded = {name: value for name, value in recorded.items() if name != "_id"}
             if recorded == mine:
                 return None
-            if recorded and database.count("trials", {"status": "reserved"}):
-                differ = ", ".join(f"{key}={recorded[key]:g} there, {value:g} here" for key, value in mine.items()
-                                   if recorded.get(key) != value)
-                return (f"the workers running on {database_path} use other timings ({differ}): every worker of one "
-                        "database must use the same, or live trials are taken for lost; use theirs, or another "
-                        "database (ORION_DB_ADDRESS)")
-            database.remove(SETTINGS, {"_id": "timings"})
-            database.write(SETTINGS, {"_id": "timings", **mine})
-            return None
+            differ = ", ".join(f"{name}={recorded.get(name)} there, {value} here" for name, value in mine.items()
+                               if recorded.get(name) != value)
+            return (f"experiment {experiment}'s workers use other timings ({differ}; set by its first worker): every "
+                    "worker of one search must use the same, or live trials are taken for lost; use theirs, or a new "
+                    "experiment (ORION_EXPERIMENT=<a new name>)")
     return agree(db)
+
 
 def hunt(hunt_arguments: list[str]) -> int:
     """`orion hunt ARGUMENTS...` that runs exactly max_trials trials, whatever the number of workers.
@@ -72,8 +85,13 @@ def hunt(hunt_arguments: list[str]) -> int:
     # Not a replacement: Oríon's runner logs a broken trial's traceback; it goes to the worker's log.
     logging.getLogger("orion.client.runner").addFilter(keep_trial_tracebacks_in_the_workers_log)
     PATIENT.set()  # A worker waits out the database's faults (database.py).
-    database = orion.core.config.storage.database
-    refused = agree_on_timings(database.host) if database.type == "pickleddb" and database.host else None
+    heartbeat = orion.core.config.worker.heartbeat
+    if not 1 <= heartbeat <= LONGEST_HEARTBEAT:
+        print(f"error: ORION_HEARTBEAT={heartbeat}: use a number of seconds from 1 to {LONGEST_HEARTBEAT}, e.g. job.sh's "
+              "default, 30", file=sys.stderr, flush=True)
+        return 1
+    database, name = orion.core.config.storage.database, experiment_name(hunt_arguments)
+    refused = agree_on_timings(database.host, name) if database.type == "pickleddb" and database.host and name else None
     if refused:
         print(f"error: {refused}", file=sys.stderr, flush=True)
         return 1

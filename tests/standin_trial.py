@@ -68,9 +68,7 @@ if args.checkpoint_dir is not None and args.epochs is not None:
     args.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(record) + "\n" for record in history))
     objective = history[args.epochs - 1]["objective"]
-reservation.exit_if_taken_over("reporting its objective")
-with open(os.environ["ORION_RESULTS_PATH"], "w") as file:
-    json.dump([{"name": "objective", "type": "objective", "value": objective}], file)
+reservation.write_results([{"name": "objective", "type": "objective", "value": objective}])
 print(f"Objective (1 - validation accuracy): {objective:.4f}")
 if args.record is not None:
     record = {"trial": os.environ.get("ORION_TRIAL_ID"), "pid": os.getppid(), "host": socket.gethostname(),

@@ -205,27 +205,28 @@ def test_a_database_locked_past_5_heartbeats_stops_no_trial_and_runs_none_twice(
     assert [t.status for t in trials(database)] == ["completed"]
 
 
-def test_workers_with_another_heartbeat_are_refused_while_a_trial_runs(tmp_path):
+def test_workers_of_one_search_with_another_heartbeat_are_refused(tmp_path):
     """Issue 24, row 5: each worker judged a trial lost after 5 x its own ORION_HEARTBEAT: a job with
-    a short one took a live trial of a job with a long one for lost. The first worker records its
-    timings in the database; another is refused in one line while a trial is reserved."""
+    a short one took a live trial of a job with a long one for lost. The first worker of an
+    experiment records its timings in the database, in the update that reads them: of two workers
+    started at the same moment with different heartbeats, exactly one runs, and the other is
+    refused in one line; so is any later one."""
     database, record = tmp_path / "orion_db.pkl", tmp_path / "runs.jsonl"
-    first = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "12", "--record", record,
-                         log_name="first.log", ORION_HEARTBEAT=12, ORION_TOOLS_LOCK_LEASE=LEASE)
-    reserved_at(database)
-    other = start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "1", log_name="other.log",
-                         ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
-    assert other.wait(timeout=120) == 1
-    assert (tmp_path / "other.log").read_text().splitlines()[-1] == (
-        f"error: the workers running on {database} use other timings (ORION_HEARTBEAT=12 there, {HEARTBEAT} here): "
-        "every worker of one database must use the same, or live trials are taken for lost; use theirs, or another "
-        "database (ORION_DB_ADDRESS)")
-    assert first.wait(timeout=120) == 0
+    workers = {beat: start_worker(tmp_path, heartbeat_config(tmp_path), "--sleep", "8", "--record", record,
+                                  log_name=f"heartbeat-{beat}.log", ORION_HEARTBEAT=beat, ORION_TOOLS_LOCK_LEASE=LEASE)
+               for beat in (12, HEARTBEAT)}
+    exits = {beat: worker.wait(timeout=120) for beat, worker in workers.items()}
+    assert sorted(exits.values()) == [0, 1], exits
+    [refused] = [beat for beat, code in exits.items() if code == 1]
+    [kept] = [beat for beat in exits if beat != refused]
+    assert (tmp_path / f"heartbeat-{refused}.log").read_text().splitlines()[-1] == (
+        f"error: experiment faults's workers use other timings (ORION_HEARTBEAT={kept} there, {refused} here; set by "
+        "its first worker): every worker of one search must use the same, or live trials are taken for lost; use "
+        "theirs, or a new experiment (ORION_EXPERIMENT=<a new name>)")
     assert len(record.read_text().splitlines()) == 1
-    # With no trial running, a new search may choose other timings.
-    again = start_worker(tmp_path, budget_config(2), "--sleep", "1", log_name="again.log",
-                         ORION_HEARTBEAT=HEARTBEAT, ORION_TOOLS_LOCK_LEASE=LEASE)
-    assert again.wait(timeout=120) == 0, (tmp_path / "again.log").read_text()
+    later = start_worker(tmp_path, budget_config(2), "--sleep", "1", log_name="later.log",
+                         ORION_HEARTBEAT=refused, ORION_TOOLS_LOCK_LEASE=LEASE)
+    assert later.wait(timeout=120) == 1
 
 
 # --- A worker killed while it holds the algorithm lock (issue 18, finding 3) ---------------------

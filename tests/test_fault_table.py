@@ -50,8 +50,11 @@ def small_tmpfs(folder: Path):
 class Search:
     """W workers of one experiment, as job.sh starts them, each in a process group of its own."""
 
-    def __init__(self, tmp_path: Path, disk: Path, budget: int, sleep: float, algorithm: str = "random"):
+    def __init__(self, tmp_path: Path, disk: Path, budget: int, sleep: float, algorithm: str = "random",
+                 trials_on_disk: bool = False):
         self.folder, self.database, self.record = tmp_path, disk / "orion_db.pkl", tmp_path / "runs.jsonl"
+        # job.sh's layout: the trials' folders beside the database, in $SCRATCH.
+        self.trials_dir = disk / "trials" if trials_on_disk else tmp_path / "trials"
         self.config = tmp_path / "orion-config.yml"
         self.config.write_text(f"experiment:\n  algorithm:\n    {algorithm}:\n      seed: 1\n  max_trials: {budget}\n"
                                "worker:\n  executor: singleexecutor\n  idle_timeout: 600\n")
@@ -65,7 +68,7 @@ class Search:
         environment = clean_env(ORION_DB_TYPE="pickleddb", ORION_DB_ADDRESS=str(self.database), **TIMINGS, **env,
                                 **({"ORION_TOOLS_TEST_PAUSE": pause} if pause else {}))
         worker = subprocess.Popen(
-            standin_hunt_command("faults", self.config, self.folder / "trials", "--sleep", self.sleep,
+            standin_hunt_command("faults", self.config, self.trials_dir, "--sleep", self.sleep,
                                  "--record", self.record, worker_records=self.folder / "records"),
             cwd=REPO_ROOT, env=environment, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         worker.log = log
@@ -202,9 +205,10 @@ def scenario_a_result_observed_during_a_takeover_is_shown_to_the_algorithm(tmp_p
 
 
 def scenario_a_full_or_read_only_database_filesystem_loses_no_result(tmp_path, disk, fault):
-    """Before: every worker crashed with a traceback (`OSError: [Errno 28] No space left on
-    device`), and trials that had run to their end lost their results."""
-    search = Search(tmp_path, disk, budget=6, sleep=5)
+    """The database's filesystem full or read-only, with the trials' folders on it (job.sh's
+    layout: both in $SCRATCH). Before: every worker crashed with a traceback (`OSError: [Errno
+    28] No space left on device`), and trials that had run to their end lost their results."""
+    search = Search(tmp_path, disk, budget=6, sleep=5, trials_on_disk=True)
     workers = [search.start() for _ in range(3)]
     time.sleep(12)  # Trials run, and end during the fault.
     filler = disk / "filler"
@@ -231,7 +235,7 @@ def scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(t
     search = Search(tmp_path, disk, budget=1, sleep=40)
     victim = search.start()
     deadline = time.monotonic() + 120
-    while not any((search.folder / "trials").glob("*/worker.json")):
+    while not any(search.trials_dir.glob("*/worker.json")):
         assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-2000:]
         time.sleep(0.2)
     os.kill(victim.pid, signal.SIGSTOP)  # The worker only: its trial's process runs on.
@@ -265,7 +269,7 @@ def scenario_a_new_worker_finishes_the_trial_that_dead_workers_left(tmp_path, di
     search = Search(tmp_path, disk, budget=1, sleep=30)
     victim = search.start()
     deadline = time.monotonic() + 120
-    while not any((search.folder / "trials").glob("*/worker.json")):
+    while not any(search.trials_dir.glob("*/worker.json")):
         assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-2000:]
         time.sleep(0.2)
     os.killpg(victim.pid, signal.SIGKILL)

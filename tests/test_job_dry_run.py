@@ -148,10 +148,13 @@ def test_epochs_after_job_sh_with_asha_is_refused(job_env):
     assert "error: --epochs cannot follow job.sh" in result.stderr
 
 
-def test_heartbeat_too_short_is_refused(job_env):
-    result = bash_job(job_env, ORION_HEARTBEAT=3)
+@pytest.mark.parametrize("heartbeat", ["3", "08", "99999999999999999999", "30s"])
+def test_heartbeat_out_of_range_is_refused(job_env, heartbeat):
+    result = bash_job(job_env, ORION_HEARTBEAT=heartbeat)
     assert result.returncode == 1
-    assert "ORION_HEARTBEAT=3: use a whole number of seconds of at least 5" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: ORION_HEARTBEAT={heartbeat}: use a whole number of seconds from 5 to 9999 (docs/preemption.md), "
+        "e.g. the default, 30")
 
 
 def test_budget_that_is_not_a_number_is_refused(job_env):

@@ -4,10 +4,8 @@ importing Oríon.
 """
 
 
-import json
 import logging
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import NoReturn
 import rich.logging
 import torch
 
-from .reservation import exit_if_taken_over
+from .reservation import write_results
 
 
 
@@ -99,10 +97,6 @@ def report_objective(name: str, objective: float) -> None:
     where the report and the job's summary read it.
     """
     objective = float(objective)  # Oríon rejects numpy and torch numbers.
-    exit_if_taken_over("reporting its objective")
-    results_path = os.environ.get("ORION_RESULTS_PATH")
-    if results_path:
-        with open(results_path, "w") as file:
-            json.dump([{"name": name, "type": "objective", "value": objective}], file)
+    write_results([{"name": name, "type": "objective", "value": objective}])
     logger.info(f"Objective ({name}): {objective:.4f}")
 

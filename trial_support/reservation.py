@@ -1,4 +1,5 @@
-"""Whether this trial's process still runs for the worker that holds the trial's reservation.
+"""The trial's side of the worker's protocol: whether this process still runs for the worker that
+holds the trial's reservation, and the result written where Oríon reads it, waiting out a full disk.
 
 A worker stalled for long (suspended, a file server stall) while its trial's process runs on, on
 local disk, has its trial taken for lost by the other workers, and another worker runs it again,
@@ -10,9 +11,11 @@ the trial's folder (worker.json); the two are compared before each checkpoint an
 report. Standard library only: tests/standin_trial.py loads this file on its own.
 """
 
+import errno
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 TAKEN_OVER_EXIT_CODE = 130  # Oríon's "interrupted": the trial is not counted as broken.
@@ -36,3 +39,30 @@ def exit_if_taken_over(before: str) -> None:
         print(f"error: another worker took this trial over while it ran here (its worker stalled?): it stops before "
               f"{before}; the other worker's run counts", file=sys.stderr, flush=True)
         sys.exit(TAKEN_OVER_EXIT_CODE)
+
+
+# A full, over-quota or read-only $SCRATCH for a while: the result of a run that reached its end
+# is worth waiting for (the worker waits too, and the database with it), not a broken trial.
+OUTAGES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ESTALE, errno.EIO}
+
+
+def write_results(results: list) -> None:
+    """Writes `results` ([{"name", "type", "value"}], Oríon's results protocol) to $ORION_RESULTS_PATH,
+    unless another worker took this trial over; a full or read-only filesystem is waited out."""
+    exit_if_taken_over("reporting its objective")
+    path, waited = os.environ.get("ORION_RESULTS_PATH"), None
+    while path:
+        try:
+            with open(path, "w") as file:
+                json.dump(results, file)
+            break
+        except OSError as error:
+            if error.errno not in OUTAGES:
+                raise
+            if waited is None:
+                waited = time.monotonic()
+                print(f"warning: cannot write the result to {path} ({os.strerror(error.errno)}): waiting until it can "
+                      "be written; nothing is lost meanwhile", file=sys.stderr, flush=True)
+            time.sleep(2)
+    if waited is not None:
+        print(f"The result is written, after {time.monotonic() - waited:.0f} s", file=sys.stderr, flush=True)
