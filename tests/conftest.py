@@ -183,7 +183,7 @@ SLOW_TESTS = {  # The run of 2026-12-02 15:25 (10 min 40 s), setup and call; 202
     # Issue 24 (2026-12-05): the fault table's eight scenarios run at once in one module fixture;
     # the chaos test's reduced run is two searches.
     "test_fault_table.py::test_a_worker_killed_holding_the_database_lease_stops_no_other_trial": 145,
-    "test_chaos.py::test_the_reduced_run_injects_its_faults": 105,
+    "test_chaos.py::test_the_reduced_run_injects_its_faults": 70,
 }
 UNKNOWN_TEST_SECONDS = 1
 

@@ -120,6 +120,14 @@ def stopped(worker: subprocess.Popen, timeout: float = 120) -> None:
     os.killpg(worker.pid, signal.SIGSTOP)
 
 
+def running_its_trial(search: Search, worker: subprocess.Popen, timeout: float = 120) -> None:
+    """Waits until `worker` has started its trial's process (its worker.json is written just before)."""
+    deadline = time.monotonic() + timeout
+    while not any(search.trials_dir.glob("*/worker.json")):
+        assert worker.poll() is None and time.monotonic() < deadline, worker.log.read_text()[-2000:]
+        time.sleep(0.2)
+
+
 def check_search(search: Search, exits: list[int], victims: tuple = ()) -> None:
     trials = search.trials()
     statuses = [trial.status for trial in trials]
@@ -234,10 +242,7 @@ def scenario_a_trial_whose_worker_stalled_stops_before_its_end_once_taken_over(t
     Before: the first run finished too (its end recorded twice), then its worker stopped."""
     search = Search(tmp_path, disk, budget=1, sleep=40)
     victim = search.start()
-    deadline = time.monotonic() + 120
-    while not any(search.trials_dir.glob("*/worker.json")):
-        assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-2000:]
-        time.sleep(0.2)
+    running_its_trial(search, victim)
     os.kill(victim.pid, signal.SIGSTOP)  # The worker only: its trial's process runs on.
     other = search.start()
     time.sleep(45)  # Taken for lost, run again by the other worker, and past the first run's end.
@@ -266,12 +271,9 @@ def scenario_a_new_worker_finishes_the_trial_that_dead_workers_left(tmp_path, di
     """Every worker of a search killed (the job's nodes failed) while one holds the last trial;
     a worker started later (the job resubmitted) stays, watches that trial's heartbeat stand still,
     and runs it: the search completes."""
-    search = Search(tmp_path, disk, budget=1, sleep=30)
+    search = Search(tmp_path, disk, budget=1, sleep=10)
     victim = search.start()
-    deadline = time.monotonic() + 120
-    while not any(search.trials_dir.glob("*/worker.json")):
-        assert victim.poll() is None and time.monotonic() < deadline, victim.log.read_text()[-2000:]
-        time.sleep(0.2)
+    running_its_trial(search, victim)
     os.killpg(victim.pid, signal.SIGKILL)
     search.start()
     exits = search.wait()
