@@ -21,11 +21,10 @@ from .records import keep_trial_tracebacks_in_the_workers_log
 # --- Timings every worker of a search must share ---------------------------------------------------
 # A worker takes a trial for lost after 5 x ITS OWN ORION_HEARTBEAT: a job started with 120 s
 # beside one with 23 s saw its live trials taken for lost and run twice; and the database lock's
-# lease is its file's. So the first
-# worker of an experiment records them in the database (collection `orion_tools_settings`, in
-# the same update that reads them: two workers starting at once cannot both be first), and a
-# worker of that experiment with other values is refused in one line. A new experiment may
-# choose others.
+# lease is its file's. So the first worker of an experiment records them in the database
+# (collection `orion_tools_settings`, in the same update that reads them: two workers starting at
+# once cannot both be first), and a worker of that experiment with other values is refused in one
+# line. A new experiment may choose others.
 SETTINGS = "orion_tools_settings"
 LONGEST_HEARTBEAT = 86400  # s: beyond, Python's timers overflow (and a lost trial would wait 5 days).
 
