@@ -108,9 +108,6 @@ def done_within_budget(self) -> bool:
     return all(seen_alive(trial) for trial in reserved)
 
 
-
-
-
 # ASHA and Hyperband keep a broken trial in its rung with no objective: a rung that needs it
 # never fills, nothing more is promoted, and the search stalls (orion/algo/hyperband.py). They
 # are shown such a trial as completed with an infinite objective instead (the database keeps it

@@ -4,14 +4,13 @@ status, the best, epochs and device time, Oríon's plots and the learning curves
 
 import collections
 import datetime
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
-
-
-from .database import open_experiment, temporary_path, trials_dir_of, write_whole
+from .database import HOST, open_experiment, temporary_path, trials_dir_of, write_whole
 
 # --- summary and report: what the search found ------------------------------------------------
 # Read-only: they open the experiment in Oríon's "r" mode, so they run alongside the workers.
@@ -148,6 +147,37 @@ def figures(experiment, trials, metrics) -> list[tuple[str, str, object]]:
 PARTIAL_DEPENDENCE_MIN_TRIALS = 5
 
 
+def report_claim(output: Path, trials) -> Path:
+    """The file that says who reports these trials as they stand (ids, statuses, ends)."""
+    state = sorted((trial.id, trial.status, str(trial.end_time)) for trial in trials)
+    return output / f".report-of-{hashlib.sha1(json.dumps(state).encode()).hexdigest()[:16]}"
+
+
+def first_to_report(output: Path, trials) -> bool:
+    """Whether this process is the first to report these trials as they stand (creating a file
+    exclusively: one winner, on NFS too). A search extended later is another state."""
+    try:
+        with open(report_claim(output, trials), "x") as claim:
+            claim.write(f"{slurm_job()}process {os.getpid()} on {HOST}")
+        return True
+    except FileExistsError:
+        return False
+
+
+def slurm_job() -> str:
+    """'Slurm job 12_3, ' (an array's task), 'Slurm job 12, ', or '' outside Slurm."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"Slurm job {os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}, "
+    return f"Slurm job {os.environ['SLURM_JOB_ID']}, " if os.environ.get("SLURM_JOB_ID") else ""
+
+
+def claimed_by(output: Path, trials) -> str:
+    try:
+        return report_claim(output, trials).read_text() or "another process"
+    except OSError:
+        return "another process"
+
+
 def write_png(figure, path: Path) -> None:
     """Writes the figure as PNG through kaleido, all at once (readers never see half a file)."""
     temporary = temporary_path(path.with_name(f".{path.name}"))
@@ -171,6 +201,14 @@ def report(args) -> int:
               "(orion hunt's --working-dir)", file=sys.stderr)
     output = Path(args.output) if args.output else Path(args.database).parent / f"{args.experiment}-report"
     output.mkdir(parents=True, exist_ok=True)
+    if args.if_done and not first_to_report(output, trials):
+        # Every task of an array ends once the search is done, most at the same moment: each made
+        # the same plots (Chromium, half a minute of a GPU job's time), all but one for nothing.
+        print(f"The report of this search is made once, by {claimed_by(output, trials)}, in {output} (if it is "
+              f"not there, make it with: uv run python -m orion_tools report --experiment {args.experiment} "
+              f"--database {args.database} --trials-dir {trials_dir})")
+        print("\n".join(summary_lines(experiment, trials)))
+        return 0
     metrics = {trial.id: read_metrics(trials_dir / trial.id) for trial in trials}
 
     written, not_made, failed = [], [], False

@@ -35,6 +35,11 @@ def test_array_job_runs_the_search_and_readme_commands_show_it(slurm_env, job_en
     logs = [log.read_text() for log in trials_dir(job_env).glob("*/train.log")]
     assert [log.count("Args: ") for log in logs] == [1, 1, 1]
     assert [log.count("Epoch 0: ") for log in logs] == [1, 1, 1]
+    # The search's report, made once (by the first task to end after the search is done), not by
+    # each of the three; the others say who made it.
+    assert output.count("Report of Oríon experiment orion-example") == 1, output
+    ended_before = output.count("The search is not done: no report yet")
+    assert output.count("The report of this search is made once, by Slurm job ") == 2 - ended_before, output
 
     # The README's result commands, as written, from the repo root: they find the database
     # through the global Oríon config that job.sh wrote.

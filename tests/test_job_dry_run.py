@@ -113,10 +113,6 @@ def test_rerun_of_an_asha_search_extends_it(tmp_path):
     assert [t["status"] for t in trials_of(job_env)] == ["completed", "completed"]
 
 
-
-
-
-
 def test_job_sh_is_shellcheck_clean():
     if not shutil.which("shellcheck"):
         if os.geteuid() != 0 and not os.environ.get("CI"):

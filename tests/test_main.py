@@ -142,8 +142,6 @@ def test_batch_size_larger_than_the_data_is_refused(data_dir):
 # --- Training and reporting -----------------------------------------------------------
 
 
-
-
 @pytest.fixture(scope="module")
 def one_cpu_epoch(data_dir, tmp_path_factory):
     """One epoch on the CPU, as a trial: (its output, its metrics records, its results file's content)."""

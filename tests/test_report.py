@@ -7,6 +7,7 @@ under way, an empty or missing experiment) run in-process, their PNG writer stub
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -241,6 +242,25 @@ def test_report_if_done_during_the_search_ends_with_the_summary(under_way, no_ka
 def test_report_if_done_after_the_search_writes_the_report(search, no_kaleido, tmp_path):
     report_main(search["database"], "--if-done", "--trials-dir", search["trials_dir"], "--output", tmp_path / "r")
     assert (tmp_path / "r" / "summary.txt").exists()
+
+
+def test_report_if_done_is_made_once_for_a_search_as_it_stands(search, no_kaleido, tmp_path, capsys):
+    """Every task of an array job asks for the report when the search is done: the first makes it;
+    the others say who does, and end with the summary."""
+    args = ["--if-done", "--trials-dir", search["trials_dir"], "--output", tmp_path / "r"]
+    assert report_main(search["database"], *args) == 0
+    made = list(no_kaleido)
+    assert made and (tmp_path / "r" / "summary.txt").exists()
+    capsys.readouterr()
+    assert report_main(search["database"], *args) == 0
+    assert no_kaleido == made  # No plot made twice.
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"The report of this search is made once, by process {os.getpid()} on ")
+    assert "make it with: uv run python -m orion_tools report --experiment exp " in out[0]
+    assert out[-1].startswith("Best objective so far: ")
+    # Without --if-done (by hand), it is made again.
+    assert report_main(search["database"], "--trials-dir", search["trials_dir"], "--output", tmp_path / "r") == 0
+    assert len(no_kaleido) == 2 * len(made)
 
 
 def test_report_of_an_experiment_without_trials_exits_1(tmp_path, no_kaleido):

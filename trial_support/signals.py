@@ -7,9 +7,6 @@ import os
 import signal
 
 
-
-
-
 # Oríon marks a trial that exits with this code `interrupted` (not `broken`) and hands it, with
 # the same working directory, to the next free worker. Oríon tells us the code it uses.
 INTERRUPTED_EXIT_CODE = int(os.environ.get("ORION_INTERRUPT_CODE", 130))
