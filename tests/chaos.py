@@ -80,7 +80,7 @@ RULES = ("worker", "database-lock holder", "algorithm-lock holder")
 RULE_WEIGHTS = (2, 2, 1)
 PAUSE_VARIABLE = "ORION_TOOLS_TEST_PAUSE"
 HOLDER_SEARCH = 10.0  # s: how long a fault looks for a lock holder before it falls back to worker #k.
-WATCH_EVERY = 0.2  # s between two reads of the database file.
+WATCH_EVERY = 0.2  # s between two looks at the database file (read again when it changed).
 TRACEBACK = "Traceback (most recent call last)"
 FS_SIZE = "8m"
 SLEEP = (2.0, 6.0)  # s: each trial's length, uniform (the stand-in's --sleep, a prior)
@@ -305,6 +305,7 @@ class DatabaseWatch:
         self.completed = 0
         self.reads = 0
         self.failed_reads = 0
+        self.last_read = None  # The identity (inode, size, mtime) of the file last read.
         self.violations = []
         self._said = set()
 
@@ -343,6 +344,8 @@ class DatabaseWatch:
         for _ in range(3):
             try:
                 identity = os.stat(path)
+                if (identity.st_ino, identity.st_size, identity.st_mtime_ns) == self.last_read:
+                    return  # Unchanged since the last read (every write renames a new file in).
                 trials, _ = read_database(path)
             except FileNotFoundError:
                 return
@@ -351,6 +354,7 @@ class DatabaseWatch:
                 self.failed_reads += 1
                 time.sleep(0.02)
                 continue
+            self.last_read = (identity.st_ino, identity.st_size, identity.st_mtime_ns)
             self.observe(trials, when)
             return
         if len({key for key, _ in failures}) == 1:  # The same file, unreadable three times.
