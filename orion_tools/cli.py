@@ -5,18 +5,22 @@ import argparse
 import os
 import sys
 
-
-
-from .checks import check_database, check_experiment
-from . import patches
-from .database import DatabaseLockError, ReportError
-from .worker import hunt
-from .records import job_verdict, reclaim
-from .reporting import report, summary
 from .stage import stage_data
+
+
+def add_stage_data(subcommands) -> None:
+    command = subcommands.add_parser("stage-data", help=stage_data.__doc__.split("\n")[0])
+    command.set_defaults(run=stage_data)
+    command.add_argument("--module", required=True, help="the data set module's file (main.py's `dataset`)")
+    command.add_argument("--destination", required=True, help="the node's local folder: $SLURM_TMPDIR/data")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line: a subparser per subcommand, which names its function in `run`."""
+    from .checks import check_database, check_experiment
+    from .records import job_verdict, reclaim
+    from .reporting import report, summary
+    from .worker import hunt
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--database", default=os.environ.get("ORION_DB_ADDRESS"),
                         required="ORION_DB_ADDRESS" not in os.environ,
@@ -39,10 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     command.add_argument("--experiment", required=True, help="the experiment's name")
     command.add_argument("--trials-dir", help="orion hunt's --working-dir (default: <database folder>/<experiment>)")
 
-    command = subcommands.add_parser("stage-data", help=stage_data.__doc__.split("\n")[0])
-    command.set_defaults(run=stage_data)
-    command.add_argument("--module", required=True, help="the data set module's file (main.py's `dataset`)")
-    command.add_argument("--destination", required=True, help="the node's local folder: $SLURM_TMPDIR/data")
+    add_stage_data(subcommands)
 
     command = subcommands.add_parser("check-database", parents=[common], help=check_database.__doc__.split("\n")[0])
     command.set_defaults(run=check_database)
@@ -76,6 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stage-data"]:  # On each node, before the workers: no Oríon to import.
+        parser = argparse.ArgumentParser(prog="python -m orion_tools")
+        add_stage_data(parser.add_subparsers(required=True))
+        args = parser.parse_args(argv)
+        return args.run(args)
+    from . import patches
+    from .database import DatabaseLockError, ReportError
+    from .worker import hunt
     # No torch in these processes: the trial, a process of its own, imports it. Oríon would
     # import it twice over, for nothing: in its CLI (see `hunt`) and when it looks up an
     # algorithm by name (it loads every algorithm's module, PB2's too, whose RNG helper

@@ -141,6 +141,20 @@ def test_stage_copies_and_extracts_the_archive(tmp_path):
     assert len(cifar10.load(tmp_path / "node")["inputs"]) == 100
 
 
+def test_staging_imports_no_orion(tmp_path):
+    """Each node stages at every job's start, before its workers: Oríon's import (1.7 s of CPU) is not needed."""
+    source = write_cifar10_archive(tmp_path / "datasets", images_per_batch=20)
+    program = ("import runpy, sys\ntry:\n    runpy.run_module('orion_tools', run_name='__main__', alter_sys=True)\n"
+               "finally:\n    print(sorted(name for name in sys.modules if name.startswith(('orion.core', 'orion.client'))), "
+               "file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", program, "stage-data", "--module", "cifar10.py",
+                             "--destination", str(tmp_path / "node")], cwd=REPO_ROOT,
+                            env=clean_env(CIFAR10_ARCHIVE=source), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Staged cifar10.py's data set from ")
+    assert result.stderr.splitlines()[-1] == "[]"
+
+
 def test_missing_archive_offline_names_cifar10_archive(tmp_path):
     result = stage(tmp_path / "node", tmp_path / "missing.tar.gz",
                    CIFAR10_URL=f"file://{tmp_path}/unreachable")  # A download that fails, offline.
