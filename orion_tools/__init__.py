@@ -43,13 +43,18 @@ MODULES = ["database", "lost_trials", "algorithm_lock", "budget", "heartbeat", "
 _loading = False
 
 
-def __getattr__(name):
+def load_all() -> None:
+    """Imports every module (Oríon's client and CLI with them) and takes their names."""
     global _loading
     if not _loading:
         _loading = True  # A submodule's `from . import x` meanwhile imports x itself.
         for module_name in MODULES:
             module = importlib.import_module(f"{__name__}.{module_name}")
             globals().update((key, value) for key, value in vars(module).items() if not key.startswith("_"))
+
+
+def __getattr__(name):
+    load_all()
     if name in globals():
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import yaml
 
-from orion.client import get_experiment
-from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
-from orion.core.io.space_builder import SpaceBuilder
 from orion.core.utils.exceptions import NoConfigurationError
 
 from .database import storage, temporary_path
@@ -92,6 +89,8 @@ def check_database(args) -> int:
 
 def prior_problem(trial_command: list[str]) -> str | None:
     """The first prior of the trial command that Oríon cannot build, and why (None: all good)."""
+    from orion.core.io.orion_cmdline_parser import OrionCmdlineParser
+    from orion.core.io.space_builder import SpaceBuilder
     parser = OrionCmdlineParser(allow_non_existing_files=True)
     try:
         parser.parse(trial_command)
@@ -118,6 +117,7 @@ def check_trial_arguments(main, argv: list[str]) -> None:
     prior wider than parse_args allows would break every trial that draws past it). Exits 2 with
     one error line if not; else prints the file of main.py's data set module, which job.sh stages.
     """
+    from orion.core.io.space_builder import SpaceBuilder
     arguments, priors = split_priors(argv)
     why = parse_args_refusal(main, arguments)
     if why:
@@ -215,6 +215,7 @@ def check_experiment(args) -> int:
     the configuration to give Oríon is printed on stdout, as one line of YAML: the stored one
     for an experiment that exists, else --algorithm's.
     """
+    from orion.client import get_experiment  # Here: check-database needs none of Oríon's client.
     problem = prior_problem(args.trial_command)
     if problem:
         print(f"error: {problem}; correct it in job.sh's `priors` (step 1; Oríon's priors: "

@@ -23,7 +23,6 @@ from pathlib import Path
 import orion.core
 import orion.core.io.database.pickleddb
 from filelock import LeaseSettingsMismatch, SoftFileLease, SoftFileLock, Timeout
-from orion.client import get_experiment
 from orion.core.io.database import DatabaseTimeout
 from orion.core.io.database.ephemeraldb import EphemeralDB
 from orion.core.utils.exceptions import NoConfigurationError
@@ -535,6 +534,7 @@ class ReportError(Exception):
 
 def open_experiment(args):
     """The experiment, read-only, and its trials; ReportError if it is missing or broken."""
+    from orion.client import get_experiment  # Here: the checks import this module, not Oríon's client.
     if not args.database:
         raise ReportError("no database: pass --database FILE or export ORION_DB_ADDRESS")
     if not Path(args.database).is_file():
