@@ -21,7 +21,8 @@ exports). One module per concern; each imports only those above it in this list:
     algorithm_lock.py  the algorithm lock: renewed, taken over, fenced; the algorithm state's copies
     budget.py          an exact budget, results shown as they come, the end of the search
     heartbeat.py       a running trial's heartbeat, its process, a worker that stops in one line
-    records.py         worker records, reclaim, job-verdict
+    records.py         worker records, reclaim
+    verdict.py         job-verdict
     reporting.py       summary and report
     checks.py          check-database, check-experiment
     stage.py           stage-data
@@ -38,8 +39,8 @@ import importlib
 # Loaded at first use of a name (PEP 562), not at `import orion_tools`: `python -m orion_tools
 # stage-data`, run on each node at the start of every job, then imports no Oríon (1.7 s of CPU).
 # `orion_tools.NAME` is then what `from .MODULE import *` gave, the later module's on a clash.
-MODULES = ["database", "lost_trials", "algorithm_lock", "budget", "heartbeat", "records", "reporting", "checks",
-           "stage", "patches", "worker", "cli"]
+MODULES = ["database", "lost_trials", "algorithm_lock", "budget", "heartbeat", "records", "verdict", "reporting",
+           "checks", "stage", "patches", "worker", "cli"]
 _loading = False
 
 

@@ -7,13 +7,13 @@ import os
 import sys
 
 # Each subcommand's function, imported only when that subcommand runs (or for --help): Oríon's
-# client takes 1.7 s of CPU to import, and the checks every job starts with, on each node
-# (stage-data) or once (check-database), need none of it.
+# client takes 1.7 s of CPU to import, and what every job runs at its start, on each node
+# (stage-data) or once (check-database), and at its end (job-verdict) needs none of it.
 SUBCOMMANDS = {
-    "reclaim": "records", "job-verdict": "records", "stage-data": "stage", "check-database": "checks",
+    "reclaim": "records", "job-verdict": "verdict", "stage-data": "stage", "check-database": "checks",
     "check-experiment": "checks", "summary": "reporting", "report": "reporting", "hunt": "worker",
 }
-NEEDS_NO_ORION_CLIENT = {"stage-data", "check-database"}
+NEEDS_NO_ORION_CLIENT = {"stage-data", "check-database", "job-verdict"}
 
 
 def handler(name: str):
@@ -81,20 +81,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_orion() -> None:
+    """Oríon's client and CLI, its database patched (database.py): what every subcommand but
+    those of NEEDS_NO_ORION_CLIENT needs before it starts (and they, should they open the database)."""
+    from . import load_all, patches
+    load_all()  # Oríon's client and CLI: before torch is hidden (scipy looks for it as it loads).
+    # No torch in these processes: the trial, a process of its own, imports it. Oríon would
+    # import it twice over, for nothing: in its CLI (see `hunt`) and when it looks up an
+    # algorithm by name (it loads every algorithm's module, PB2's too, whose RNG helper
+    # `orion.core.utils.random_state` saves torch's RNG state if it can import torch; TPE,
+    # ASHA and random use numpy's). `None` here makes that import fail, as Oríon expects
+    # where torch is not installed. Left alone where torch is already imported (the tests).
+    sys.modules.setdefault("torch", None)
+    patches.install(patches.DATABASE)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from .database import DatabaseLockError, ReportError
     if not (argv[:1] and argv[0] in NEEDS_NO_ORION_CLIENT):
-        from . import load_all, patches
-        load_all()  # Oríon's client and CLI: before torch is hidden (scipy looks for it as it loads).
-        # No torch in these processes: the trial, a process of its own, imports it. Oríon would
-        # import it twice over, for nothing: in its CLI (see `hunt`) and when it looks up an
-        # algorithm by name (it loads every algorithm's module, PB2's too, whose RNG helper
-        # `orion.core.utils.random_state` saves torch's RNG state if it can import torch; TPE,
-        # ASHA and random use numpy's). `None` here makes that import fail, as Oríon expects
-        # where torch is not installed. Left alone where torch is already imported (the tests).
-        sys.modules.setdefault("torch", None)
-        patches.install(patches.DATABASE)
+        load_orion()
         if argv[:1] == ["hunt"]:  # argparse would take `orion hunt`'s options as its own.
             return handler("hunt")(argv[1:])
     args = parse_args(argv)
