@@ -189,13 +189,13 @@ set_up_environment() {
     # shellcheck disable=SC1091
     source .venv/bin/activate
     # A typo in main.py's arguments, or a prior wider than they allow, would break trial after
-    # trial until the experiment is broken for good: check them once, here (orion_tools,
+    # trial until the experiment is broken for good: check them once, here (orion_tools/checks.py,
     # check_trial_arguments). main.py names its data set module (`import ... as dataset`), which
     # stages the data on each node's local disk, $SLURM_TMPDIR, once, before the workers start:
     # trials then never read from the shared filesystem.
     local data_module
-    data_module=$(python -c 'import sys, main, orion_tools; sys.argv[0] = "main.py"
-orion_tools.check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}")
+    data_module=$(python -c 'import sys, main; from orion_tools.checks import check_trial_arguments
+sys.argv[0] = "main.py"; check_trial_arguments(main, sys.argv[1:])' "$@" "${priors[@]}")
     "${on_each_node[@]}" python -m orion_tools stage-data --module "$data_module" --destination "$SLURM_TMPDIR/data"
 }
 
