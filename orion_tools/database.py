@@ -430,12 +430,15 @@ OUTAGE_POLL = 2.0  # s
 PATIENT = threading.Event()
 OUTAGE_SAID = threading.Lock()  # The threads of one process say a wait once, not once each.
 OUTAGE_WAITERS = [0]
+# Set (under OUTAGE_SAID) once a worker has said why it exits (heartbeat.py, `stop_worker`): a
+# thread still waiting out an outage says nothing more, so that the error stays the last line.
+LAST_LINE_SAID = threading.Event()
 
 
 def outage_begins(what: str, why: str) -> None:
     with OUTAGE_SAID:
         OUTAGE_WAITERS[0] += 1
-        if OUTAGE_WAITERS[0] == 1:
+        if OUTAGE_WAITERS[0] == 1 and not LAST_LINE_SAID.is_set():
             print(f"warning: {what} cannot be used ({why}): waiting until it can; nothing is lost meanwhile",
                   file=sys.stderr, flush=True)
 
@@ -443,7 +446,7 @@ def outage_begins(what: str, why: str) -> None:
 def outage_ends(what: str, seconds: float) -> None:
     with OUTAGE_SAID:
         OUTAGE_WAITERS[0] -= 1
-        if OUTAGE_WAITERS[0] == 0:
+        if OUTAGE_WAITERS[0] == 0 and not LAST_LINE_SAID.is_set():
             print(f"{what[0].upper()}{what[1:]} is usable again, after {seconds:.0f} s", file=sys.stderr, flush=True)
 
 

@@ -23,7 +23,7 @@ from orion.core.utils.exceptions import InexecutableUserScript
 from orion.storage.base import FailedUpdate
 
 from .budget import RAN_A_TRIAL
-from .database import DatabaseLockError, write_whole
+from .database import LAST_LINE_SAID, OUTAGE_SAID, DatabaseLockError, write_whole
 
 # --- The heartbeat of a running trial, and its reservation --------------------------------------
 # Oríon 0.2.7's pacemaker wrote the heartbeat every 60 s, hard-coded, whatever ORION_HEARTBEAT
@@ -64,7 +64,9 @@ def stop_worker(message: str) -> None:
     if WORKER_STOPPED.is_set():
         return
     WORKER_STOPPED.set()
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    with OUTAGE_SAID:
+        LAST_LINE_SAID.set()
+        print(f"error: {message}", file=sys.stderr, flush=True)
     for process in list(RUNNING_TRIAL):
         with contextlib.suppress(ProcessLookupError):
             process.terminate()

@@ -408,6 +408,35 @@ def test_simultaneous_checks_with_the_same_pid_do_not_collide(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+STOPPED_DURING_AN_OUTAGE = """
+import errno, threading, time
+from orion_tools import database, heartbeat
+failures = [5]
+def write():
+    if failures[0]:
+        failures[0] -= 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+database.OUTAGE_POLL = 0.2
+waiter = threading.Thread(target=database.waiting_out_outages, args=(write, "the file"))
+waiter.start()
+time.sleep(0.3)
+heartbeat.stop_worker("this worker was taken over")
+waiter.join()
+"""
+
+
+def test_a_stopped_workers_error_stays_its_last_line():
+    """Found by the chaos run (seed 25): a worker taken over while another of its threads waited
+    out a full disk said why it exits, then "... is usable again" after it (job.sh's verdict and
+    the user read the last line)."""
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", STOPPED_DURING_AN_OUTAGE], cwd=REPO_ROOT,
+                            env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "warning: the file cannot be used (No space left on device): waiting until it can; nothing is lost meanwhile",
+        "error: this worker was taken over"]
+
+
 # --- The algorithm lock (issue 18, finding 3) ----------------------------------------------------
 
 
