@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.trials < 1 or args.epochs < 1:
         raise SystemExit("error: --trials and --epochs must be positive")
-    trials, epochs = (2, 1) if args.quick else (args.trials, args.epochs)
+    trials, epochs = (1, 1) if args.quick else (args.trials, args.epochs)
     common.print_header("Prior fit: random trials that learn, by learning-rate prior", args)
     data_dir = common.ensure_data(args.data_root, 100 if args.quick else 400)
     rows = []
@@ -61,7 +61,7 @@ def main() -> None:
                          f"{learned_well / trials:.0%}"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    common.print_table(f"{trials} random trials per prior, {epochs} epoch(s), batch 64, look-alike of "
+    common.print_table(f"{trials} random trial(s) per prior, {epochs} epoch(s), batch 64, look-alike of "
                        f"{5 * (100 if args.quick else 400)} images",
                        ["prior", "trials", "above 2x chance", "reach 90 %", "diverged", "share that reaches 90 %"],
                        rows)

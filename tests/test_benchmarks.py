@@ -28,7 +28,7 @@ QUICK_RUNS = {
     "concurrent_trials": ([], "Concurrent trials", "wall s", ["4 threads, spin", "4 threads, OMP_WAIT_POLICY", "1 thread"]),
     "tpe_lock": ([], "Algorithm-lock holds (median), TPE", "ceiling trials/s", ["30"]),
     "streaming": ([], "300 PNG photos (~64 x 64, resized to 48 x 48), cpu, batch 128, 1 epoch(s)", "batches/s (all)", ["ours: uint8 in workers", "upstream: ToTensor"]),
-    "prior_fit": ([], "2 random trials per prior, 1 epoch(s), batch 64, look-alike of 500 images", "reach 90 %", ["--learning-rate~'loguniform(1e-5, 1.0)'"]),
+    "prior_fit": ([], "1 random trial(s) per prior, 1 epoch(s), batch 64, look-alike of 500 images", "reach 90 %", ["--learning-rate~'loguniform(1e-5, 1.0)'"]),
 }
 
 
