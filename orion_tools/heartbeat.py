@@ -55,8 +55,8 @@ def record_worker(trial, results_path: str | None = None) -> None:
     """Writes the trial folder's worker.json: which worker runs the trial, under which reservation,
     and (once known) where its process writes its result (records.py reads it back)."""
     write_whole(Path(trial.working_dir, WORKER_FILE), json.dumps({
-        "trial": trial.id, "experiment": str(trial.experiment), "slurm_job": os.environ.get("SLURM_JOB_ID"), "host": socket.gethostname(),
-        "pid": os.getpid(), "reserved_at": iso(trial.start_time), "results": results_path}))
+        "trial": trial.id, "experiment": str(trial.experiment), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        "host": socket.gethostname(), "pid": os.getpid(), "reserved_at": iso(trial.start_time), "results": results_path}))
 
 
 def stop_worker(message: str) -> None:

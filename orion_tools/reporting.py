@@ -153,12 +153,12 @@ def report_claim(output: Path, trials) -> Path:
     return output / f".report-of-{hashlib.sha1(json.dumps(state).encode()).hexdigest()[:16]}"
 
 
-def first_to_report(output: Path, trials) -> bool:
-    """Whether this process is the first to report these trials as they stand (creating a file
-    exclusively: one winner, on NFS too). A search extended later is another state."""
+def first_to_report(claim: Path) -> bool:
+    """Whether this process is the first to report (`report_claim`): it creates the file
+    exclusively, one winner, on NFS too. A search extended later is another state."""
     try:
-        with open(report_claim(output, trials), "x") as claim:
-            claim.write(f"{slurm_job()}process {os.getpid()} on {HOST}")
+        with open(claim, "x") as file:
+            file.write(f"{slurm_job()}process {os.getpid()} on {HOST}")
         return True
     except FileExistsError:
         return False
@@ -171,9 +171,9 @@ def slurm_job() -> str:
     return f"Slurm job {os.environ['SLURM_JOB_ID']}, " if os.environ.get("SLURM_JOB_ID") else ""
 
 
-def claimed_by(output: Path, trials) -> str:
+def claimed_by(claim: Path) -> str:
     try:
-        return report_claim(output, trials).read_text() or "another process"
+        return claim.read_text() or "another process"
     except OSError:
         return "another process"
 
@@ -201,10 +201,10 @@ def report(args) -> int:
               "(orion hunt's --working-dir)", file=sys.stderr)
     output = Path(args.output) if args.output else Path(args.database).parent / f"{args.experiment}-report"
     output.mkdir(parents=True, exist_ok=True)
-    if args.if_done and not first_to_report(output, trials):
+    if args.if_done and not first_to_report(claim := report_claim(output, trials)):
         # Every task of an array ends once the search is done, most at the same moment: each made
         # the same plots (Chromium, half a minute of a GPU job's time), all but one for nothing.
-        print(f"The report of this search is made once, by {claimed_by(output, trials)}, in {output} (if it is "
+        print(f"The report of this search is made once, by {claimed_by(claim)}, in {output} (if it is "
               f"not there, make it with: uv run python -m orion_tools report --experiment {args.experiment} "
               f"--database {args.database} --trials-dir {trials_dir})")
         print("\n".join(summary_lines(experiment, trials)))

@@ -101,6 +101,21 @@ def run_main(*args, env=None, timeout=600, **popen_kwargs) -> subprocess.Complet
     )
 
 
+# `python -m orion_tools ...`, which then prints on its last stderr line the heavy modules it
+# imported: Oríon's client and worker, scipy (1.7 s of CPU in all).
+LISTING_HEAVY_IMPORTS = (
+    "import runpy, sys\ntry:\n    runpy.run_module('orion_tools', run_name='__main__', alter_sys=True)\nfinally:\n"
+    "    print(sorted(name for name in sys.modules if name.startswith(('orion.client', 'orion.core.worker', 'scipy'))),"
+    " file=sys.stderr)")
+
+
+def orion_tools_listing_heavy_imports(*args, **env) -> tuple[subprocess.CompletedProcess, str]:
+    """Runs `python -m orion_tools ARGS`; returns (the run, the heavy modules it imported, as listed)."""
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", LISTING_HEAVY_IMPORTS, *map(str, args)],
+                            cwd=REPO_ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=120)
+    return result, (result.stderr.splitlines() or [""])[-1]
+
+
 def wait_for(predicate, timeout, what, process=None):
     """Polls `predicate`; fails after `timeout` s, or as soon as `process` (if any) ends."""
     deadline = time.monotonic() + timeout

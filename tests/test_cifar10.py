@@ -17,7 +17,7 @@ import torch
 
 import cifar10
 from cifar10_lookalike import dumps_py2, write_cifar10_archive, write_cifar10_lookalike
-from conftest import OBJECTIVE_LINE, REPO_ROOT, clean_env, readme_commands
+from conftest import OBJECTIVE_LINE, REPO_ROOT, clean_env, orion_tools_listing_heavy_imports, readme_commands
 
 IMAGES_PER_BATCH = 100
 
@@ -144,15 +144,11 @@ def test_stage_copies_and_extracts_the_archive(tmp_path):
 def test_staging_imports_no_orion(tmp_path):
     """Each node stages at every job's start, before its workers: Oríon's client (1.7 s of CPU) is not needed."""
     source = write_cifar10_archive(tmp_path / "datasets", images_per_batch=20)
-    program = ("import runpy, sys\ntry:\n    runpy.run_module('orion_tools', run_name='__main__', alter_sys=True)\n"
-               "finally:\n    print(sorted(name for name in sys.modules if name.startswith(('orion.client', 'orion.core.worker', "
-               "'scipy'))), file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", program, "stage-data", "--module", "cifar10.py",
-                             "--destination", str(tmp_path / "node")], cwd=REPO_ROOT,
-                            env=clean_env(CIFAR10_ARCHIVE=source), capture_output=True, text=True, timeout=120)
+    result, heavy = orion_tools_listing_heavy_imports("stage-data", "--module", "cifar10.py", "--destination",
+                                                      tmp_path / "node", CIFAR10_ARCHIVE=source)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Staged cifar10.py's data set from ")
-    assert result.stderr.splitlines()[-1] == "[]"
+    assert heavy == "[]"
 
 
 def test_missing_archive_offline_names_cifar10_archive(tmp_path):

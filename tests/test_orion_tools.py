@@ -13,7 +13,7 @@ from orion.client import build_experiment, get_experiment
 from orion.core.utils.exceptions import NoConfigurationError
 
 import orion_tools
-from conftest import REPO_ROOT, clean_env, standin_hunt_command
+from conftest import REPO_ROOT, clean_env, orion_tools_listing_heavy_imports, standin_hunt_command
 
 JOB_ID = "42"
 JOB_START = time.time()  # When "this run" of job 42 started: the trials below are older.
@@ -330,14 +330,9 @@ def test_a_readable_database_is_backed_up(database, experiment):
 def test_check_database_imports_no_orion_client(database, experiment):
     """Every job starts with it: it reads the file, and needs none of Oríon's client (1.7 s of CPU)."""
     experiment.insert(params={"x": 0.5}, results=[{"name": "objective", "type": "objective", "value": 0.1}])
-    program = ("import runpy, sys\ntry:\n    runpy.run_module('orion_tools', run_name='__main__', alter_sys=True)\n"
-               "finally:\n    print(sorted(name for name in sys.modules if name.startswith(('orion.client', "
-               "'orion.core.worker', 'scipy'))), file=sys.stderr)")
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", program, "check-database", "--database", database,
-                             "--experiment", "exp"], cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
-                            timeout=120)
+    result, heavy = orion_tools_listing_heavy_imports("check-database", "--database", database, "--experiment", "exp")
     assert result.returncode == 0, result.stderr
-    assert result.stderr.splitlines()[-1] == "[]"
+    assert heavy == "[]"
     assert open(f"{database}.bak", "rb").read() == open(database, "rb").read()
 
 
