@@ -35,6 +35,7 @@ cli.py's `parse_args`.
 """
 
 import importlib
+import sys
 
 # Loaded at first use of a name (PEP 562), not at `import orion_tools`: `python -m orion_tools
 # stage-data`, run on each node at the start of every job, then imports no Oríon (1.7 s of CPU).
@@ -52,6 +53,21 @@ def load_all() -> None:
         for module_name in MODULES:
             module = importlib.import_module(f"{__name__}.{module_name}")
             globals().update((key, value) for key, value in vars(module).items() if not key.startswith("_"))
+
+
+def load_orion() -> None:
+    """Oríon's client and CLI, its database patched (database.py): what every subcommand but
+    those of cli.py's NEEDS_NO_ORION_CLIENT needs before it starts (and they, should they open the database)."""
+    from . import patches
+    load_all()  # Oríon's client and CLI: before torch is hidden (scipy looks for it as it loads).
+    # No torch in these processes: the trial, a process of its own, imports it. Oríon would
+    # import it twice over, for nothing: in its CLI (see `hunt`) and when it looks up an
+    # algorithm by name (it loads every algorithm's module, PB2's too, whose RNG helper
+    # `orion.core.utils.random_state` saves torch's RNG state if it can import torch; TPE,
+    # ASHA and random use numpy's). `None` here makes that import fail, as Oríon expects
+    # where torch is not installed. Left alone where torch is already imported (the tests).
+    sys.modules.setdefault("torch", None)
+    patches.install(patches.DATABASE)
 
 
 def __getattr__(name):

@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from . import load_orion
+
 # Each subcommand's function, imported only when that subcommand runs (or for --help): Oríon's
 # client takes 1.7 s of CPU to import, and what every job runs at its start, on each node
 # (stage-data) or once (check-database), and at its end (job-verdict) needs none of it.
@@ -79,21 +81,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if named is None:  # hunt: everything after it goes to `orion hunt` as it is (see `main`).
         add("hunt", [], " (takes what `orion hunt` takes)")
     return parser.parse_args(argv)
-
-
-def load_orion() -> None:
-    """Oríon's client and CLI, its database patched (database.py): what every subcommand but
-    those of NEEDS_NO_ORION_CLIENT needs before it starts (and they, should they open the database)."""
-    from . import load_all, patches
-    load_all()  # Oríon's client and CLI: before torch is hidden (scipy looks for it as it loads).
-    # No torch in these processes: the trial, a process of its own, imports it. Oríon would
-    # import it twice over, for nothing: in its CLI (see `hunt`) and when it looks up an
-    # algorithm by name (it loads every algorithm's module, PB2's too, whose RNG helper
-    # `orion.core.utils.random_state` saves torch's RNG state if it can import torch; TPE,
-    # ASHA and random use numpy's). `None` here makes that import fail, as Oríon expects
-    # where torch is not installed. Left alone where torch is already imported (the tests).
-    sys.modules.setdefault("torch", None)
-    patches.install(patches.DATABASE)
 
 
 def main(argv=None) -> int:

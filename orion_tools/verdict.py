@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import load_orion
 from .database import open_experiment, trials_dir_of
 
 # `orion hunt` exits 0 even when every trial broke. The verdict comes from what the job's workers
@@ -39,8 +40,7 @@ def job_verdict(args) -> int:
         print(f"error: {outcomes['broken']} trial(s) of this job broke; their logs are in "
               f"{trials_dir_of(args)}/<trial id>/train.log", file=sys.stderr)
         verdict = 1
-        from .cli import load_orion
-        load_orion()
+        load_orion()  # Oríon's client, for the experiment's broken trials.
         experiment, trials = open_experiment(args)
         # Past max_broken, Oríon runs no trial of this experiment any more, in any job. (A worker
         # also stops after worker.max_broken, 3, broken trials of its own.)
